@@ -181,3 +181,29 @@ def test_fcos_one_to_many_uses_size_ranges_and_smallest_area():
     # point 1 (stride 16): range (64, 128] excludes both.
     assert a.gt_index.tolist() == [1, -1, -1]
     assert a.labels.tolist() == [2, C, C]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_candidate_search_equals_the_dense_mask(seed):
+    from o2f.assign import candidate_pairs
+    from o2f.model.head import make_points
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(25, 40), (13, 20), (7, 10), (4, 5), (2, 3)]
+    points, strides = make_points(shapes, [8, 16, 32, 64, 128], torch.device("cpu"))
+    xy = torch.rand(30, 2, generator=g) * torch.tensor([300.0, 180])
+    gt = torch.cat([xy, xy + 2 + torch.rand(30, 2, generator=g) * 200], 1)
+    gt[0] = torch.tensor([-20.0, -20, 30, 30])  # reaches outside the map
+    gt[1] = torch.tensor([8.0, 8, 24, 24])  # box edges on cell centres
+    dense = candidate_pairs(points, strides, gt, 1.5)
+    window = candidate_pairs(points, strides, gt, 1.5, level_shapes=shapes)
+    assert torch.equal(dense[0], window[0]) and torch.equal(dense[1], window[1])
+    ltrb = torch.rand(len(points), 4, generator=g) * 60
+    pred = torch.cat([points - ltrb[:, :2], points + ltrb[:, 2:]], 1)
+    prob = torch.rand(len(points), 5, generator=g)
+    labels = torch.randint(0, 5, (30,), generator=g)
+    a = one_to_few(points, strides, prob, pred, gt, labels, num_classes=5, t=0.3)
+    b = one_to_few(points, strides, prob, pred, gt, labels, num_classes=5, t=0.3,
+                   level_shapes=shapes)
+    assert torch.equal(a.gt_index, b.gt_index)
+    torch.testing.assert_close(a.soft_labels, b.soft_labels)

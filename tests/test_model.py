@@ -63,8 +63,7 @@ def test_inference_is_top_k_sorted_and_maps_boxes_back_to_the_input(monkeypatch)
         cls[0, :20, 1] = torch.linspace(5, 1, 20)  # 20 confident points of class 1
         ltrb = torch.full((1, n, 4), 8.0)
         ltrb[0, 0] = torch.tensor([4.0, 4, 40, 60])  # point 0 at (4, 4): box (0, 0, 44, 64)
-        return HeadOutputs(cls, ltrb, torch.full((1, n), 10.0), points, strides,
-                           [28 * 40, 14 * 20, 7 * 10])
+        return HeadOutputs(cls, ltrb, torch.full((1, n), 10.0), points, strides, shapes)
 
     monkeypatch.setattr(model, "forward_dense", fake_dense)
     (det,) = model([image])

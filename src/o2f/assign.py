@@ -7,11 +7,11 @@ pixels; regression targets are distances (l, t, r, b) from a point to its box's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 
 @dataclass
@@ -76,10 +76,71 @@ def candidate_mask(points: Tensor, strides: Tensor, gt_boxes: Tensor, radius: fl
     return ((p > lo) & (p < hi)).all(-1)
 
 
+def candidate_pairs(points: Tensor, strides: Tensor, gt_boxes: Tensor, radius: float,
+                    level_shapes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+    """The (point, gt) candidate pairs of :func:`candidate_mask`, as two index vectors (P,).
+
+    Without ``level_shapes`` this is ``candidate_mask(...).nonzero()``: N x G work. With the
+    feature-map shapes of the levels (points laid out as :func:`o2f.model.head.make_points`
+    does), only a window of cells around each gt's centre is tested: the centre square has
+    half-side ``radius * stride``, so it spans at most 2 * ceil(radius + 0.5) + 1 cells a
+    side on every level, whatever the image size. Same pairs, O(G) work.
+    """
+    if level_shapes is None:
+        pairs = candidate_mask(points, strides, gt_boxes, radius).nonzero()
+        return pairs[:, 0], pairs[:, 1]
+    reach = math.ceil(radius + 0.5)
+    offsets = torch.arange(-reach, reach + 1, device=points.device)
+    dy, dx = (o.reshape(-1) for o in torch.meshgrid(offsets, offsets, indexing="ij"))
+    centre = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    windows, start = [], 0
+    for h, w in level_shapes:
+        stride = strides[start]
+        cell = torch.floor(centre / stride).long()  # (G, 2) cell holding the centre
+        x, y = cell[:, :1] + dx, cell[:, 1:] + dy  # (G, W)
+        inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        windows.append(torch.where(inside, start + y * w + x, -1))
+        start += h * w
+    index = torch.cat(windows, 1)  # (G, window cells over all levels), -1 outside the map
+    gt_idx, slot = torch.nonzero(index >= 0, as_tuple=True)
+    point_idx = index[gt_idx, slot]
+    p, box = points[point_idx], gt_boxes[gt_idx]
+    half = radius * strides[point_idx, None]
+    lo = torch.maximum(centre[gt_idx] - half, box[:, :2])
+    hi = torch.minimum(centre[gt_idx] + half, box[:, 2:])
+    keep = ((p > lo) & (p < hi)).all(1)
+    point_idx, gt_idx = point_idx[keep], gt_idx[keep]
+    order = torch.argsort(point_idx * gt_boxes.shape[0] + gt_idx)  # the nonzero() order
+    return point_idx[order], gt_idx[order]
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of boxes1[i] with boxes2[i]: (P, 4) x (P, 4) -> (P,)."""
+    lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(1)
+    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(boxes1.dtype).eps)
+
+
+def _sort_groups(group: Tensor, value: Tensor) -> Tensor:
+    """Order by group ascending, then value descending; ties keep their current order."""
+    order = torch.sort(value, descending=True, stable=True).indices
+    return order[torch.sort(group[order], stable=True).indices]
+
+
+def _first_in_group(sorted_group: Tensor) -> Tensor:
+    first = torch.ones_like(sorted_group, dtype=torch.bool)
+    first[1:] = sorted_group[1:] != sorted_group[:-1]
+    return first
+
+
 def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
-               soft_weight: float = 0.4) -> Assignment:
+               soft_weight: float = 0.4,
+               level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (o2f-spec section 2).
 
     points (N, 2) and strides (N,) of the cells; cls_prob (N, C) the joint score
@@ -87,51 +148,50 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     gt_labels (G,) int64. Per gt: one certain positive (label 1, weight 1), up to
     ``topk - 1`` soft anchors (label prob / max prob of the gt's soft anchors * t, weight
     ``soft_weight``), everything else negative. ``topk=1`` is the o2o baseline.
+    ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
+    candidate search O(G) instead of O(N x G); the result is the same.
+
+    Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
     num_points, num_gts = points.shape[0], gt_boxes.shape[0]
-    if num_gts == 0:
-        return _background(num_points, num_classes, pred_boxes)
-
-    prob = cls_prob[:, gt_labels]  # (N, G)
-    candidate = candidate_mask(points, strides, gt_boxes, radius)
-    iou = torch.where(candidate, box_iou(pred_boxes, gt_boxes), 0.0)
-    quality = torch.where(candidate, prob.pow(1 - alpha) * iou.pow(alpha), 0.0)
-
-    # Each gt picks its k_j = min(topk, #candidates with IoU > 0) best points by quality.
-    k = min(topk, num_points)
-    top_quality, top_index = quality.topk(k, dim=0)  # (k, G)
-    k_per_gt = (iou > 0).sum(0).clamp(max=topk)  # (G,)
-    rank = torch.arange(k, device=quality.device)[:, None]
-    keep = (rank < k_per_gt) & (top_quality > 0)
-    picks = torch.zeros_like(quality).scatter_(0, top_index, top_quality * keep)
-
-    # A point picked by several gts goes where its quality is highest (ties: lower gt index).
-    best_quality, gt_index = picks.max(1)
-    gt_index = torch.where(best_quality > 0, gt_index, -1)
-
     out = _background(num_points, num_classes, pred_boxes)
-    pos = torch.nonzero(gt_index >= 0).squeeze(1)
-    if pos.numel() == 0:
+    if num_gts == 0:
         return out
-    pos_gt, pos_quality = gt_index[pos], best_quality[pos]
 
-    # Order each gt's points by quality (highest first): the first is the certain positive.
-    order = torch.sort(pos_quality, descending=True, stable=True).indices
-    order = order[torch.sort(pos_gt[order], stable=True).indices]
-    pos, pos_gt = pos[order], pos_gt[order]
-    certain = torch.ones_like(pos_gt, dtype=torch.bool)
-    certain[1:] = pos_gt[1:] != pos_gt[:-1]
+    # 1-3. Candidate pairs and their quality prob^(1 - alpha) * IoU^alpha.
+    point_idx, gt_idx = candidate_pairs(points, strides, gt_boxes, radius, level_shapes)
+    iou = paired_box_iou(pred_boxes[point_idx], gt_boxes[gt_idx])
+    prob = cls_prob[point_idx, gt_labels[gt_idx]]
+    quality = prob.pow(1 - alpha) * iou.pow(alpha)
 
-    pos_prob = prob[pos, pos_gt]
+    # 4. Each gt picks its k_j = min(topk, #candidates with IoU > 0) best pairs by quality.
+    k_per_gt = torch.bincount(gt_idx[iou > 0], minlength=num_gts).clamp(max=topk)
+    order = _sort_groups(gt_idx, quality)
+    first = _first_in_group(gt_idx[order])
+    position = torch.arange(order.numel(), device=order.device)
+    rank = position - torch.cummax(torch.where(first, position, 0), 0).values
+    picked = order[(rank < k_per_gt[gt_idx[order]]) & (quality[order] > 0)]
+
+    # 5. A point picked by several gts goes where its quality is highest; exact ties go to
+    # the lower gt index (picked is ordered by gt, and the sorts below are stable).
+    picked = picked[torch.sort(quality[picked], descending=True, stable=True).indices]
+    picked = picked[torch.sort(point_idx[picked], stable=True).indices]
+    won = picked[_first_in_group(point_idx[picked])]
+
+    # 6. Per gt, best quality first: the certain positive, then the soft anchors.
+    won = won[_sort_groups(gt_idx[won], quality[won])]
+    pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
+    certain = _first_in_group(pos_gt)
     soft_prob = torch.where(certain, 0.0, pos_prob)
-    max_soft_prob = soft_prob.new_zeros(num_gts).scatter_reduce(
-        0, pos_gt, soft_prob, reduce="amax", include_self=True)
+    max_soft_prob = soft_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, soft_prob, "amax")
     soft = pos_prob / max_soft_prob[pos_gt].clamp(min=torch.finfo(pos_prob.dtype).tiny) * t
 
+    # 7. Class and (l, t, r, b) regression target of every positive.
+    box = gt_boxes[pos_gt]
+    p = points[pos]
     out.gt_index[pos] = pos_gt
     out.labels[pos] = gt_labels[pos_gt]
-    out.box_targets[pos] = box_distances(points[pos], gt_boxes)[
-        torch.arange(pos.numel(), device=pos.device), pos_gt]
+    out.box_targets[pos] = torch.cat([p - box[:, :2], box[:, 2:] - p], 1)
     out.soft_labels[pos] = torch.where(certain, 1.0, soft)
     out.weights[pos] = torch.where(certain, 1.0, soft_weight)
     return out

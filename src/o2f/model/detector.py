@@ -35,7 +35,7 @@ class HeadOutputs:
     """Dense outputs of a batch, N points over all levels (P3 first).
 
     cls_logits (B, N, C); box_ltrb (B, N, 4) pixels; obj_logits (B, N); points (N, 2)
-    pixels; strides (N,); level_sizes: points per level.
+    pixels; strides (N,); level_shapes: (H_l, W_l) of each level's map.
     """
 
     cls_logits: Tensor
@@ -43,7 +43,11 @@ class HeadOutputs:
     obj_logits: Tensor
     points: Tensor
     strides: Tensor
-    level_sizes: list[int]
+    level_shapes: list[tuple[int, int]]
+
+    @property
+    def level_sizes(self) -> list[int]:
+        return [h * w for h, w in self.level_shapes]
 
 
 class O2F(nn.Module):
@@ -116,10 +120,9 @@ class O2F(nn.Module):
     def forward_dense(self, batch: Tensor) -> HeadOutputs:
         feats = self.neck(self.backbone(batch))
         cls_logits, box_ltrb, obj_logits = self.head(feats)
-        points, strides = make_points([f.shape[-2:] for f in feats], self.strides,
-                                      batch.device)
-        sizes = [f.shape[-2] * f.shape[-1] for f in feats]
-        return HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, sizes)
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        points, strides = make_points(shapes, self.strides, batch.device)
+        return HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, shapes)
 
     def forward(self, images: list[Tensor] | Tensor, targets: list[dict] | None = None, *,
                 image_sizes: list[tuple[int, int]] | None = None, t: float | None = None):
@@ -164,7 +167,8 @@ class O2F(nn.Module):
                     result.append(one_to_few(
                         out.points, out.strides, prob[i], pred_boxes[i], gt_boxes, gt_labels,
                         num_classes=cfg.num_classes, t=t, topk=k, alpha=cfg.alpha,
-                        radius=cfg.radius, soft_weight=cfg.soft_weight))
+                        radius=cfg.radius, soft_weight=cfg.soft_weight,
+                        level_shapes=out.level_shapes))
         return result
 
     def losses(self, out: HeadOutputs, targets: list[dict], t: float) -> dict[str, Tensor]:
