@@ -86,15 +86,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    kw = dict(num_classes=80, t=0.4)
     print(f"{'gts':>5} {'vectorised ms':>14} {'per-gt loop ms':>15} {'speed-up':>9}")
     for num_gts in (10, 50, 200):
         case, shapes = make_case(num_gts, args.device)
-        kw = dict(num_classes=80, t=0.4)
         fast = one_to_few(*case, **kw, level_shapes=shapes)
         slow = one_to_few_per_gt_loop(*case, **kw)
         assert torch.equal(fast.gt_index.cpu(), slow[4].cpu()), "assignments differ"
         torch.testing.assert_close(fast.soft_labels.cpu(), slow[2].cpu())
-        t_fast = timeit(lambda c=case: one_to_few(*c, **kw, level_shapes=shapes), args.repeats)
+        t_fast = timeit(lambda c=case, s=shapes: one_to_few(*c, **kw, level_shapes=s),
+                        args.repeats)
         t_slow = timeit(lambda c=case: one_to_few_per_gt_loop(*c, **kw), args.repeats)
         print(f"{num_gts:>5} {t_fast * 1e3:>14.1f} {t_slow * 1e3:>15.1f} "
               f"{t_slow / t_fast:>8.1f}x")
