@@ -98,6 +98,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
     sync_bn: bool = False
     max_iters: int | None = None  # stop early (smoke tests, benchmarks)
+    ckpt_every: int = 0  # also write last.pt every N iterations (0: at epoch ends only)
     eval_batch_size: int = 1
 
 

@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 
 from o2f.assign import Assignment, box_distances, one_to_few, one_to_many
 from o2f.config import ModelConfig
+from o2f.data.transforms import PIXEL_MEAN, PIXEL_STD
 from o2f.losses import (
     centerness,
     focal_loss,
@@ -25,9 +26,6 @@ from o2f.losses import (
 )
 from o2f.model.backbone import FPN, build_backbone
 from o2f.model.head import O2FHead, decode, make_points
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass
