@@ -72,44 +72,15 @@ class O2F(nn.Module):
         self.head = O2FHead(cfg.fpn_channels, cfg.num_classes, self.strides,
                             channels=cfg.head_channels, num_convs=cfg.head_convs,
                             obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1) / 255,
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1) / 255,
-                             persistent=False)
 
     # ------------------------------------------------------------------ pre-processing
-    def resize_scale(self, height: int, width: int) -> float:
-        """Keep-ratio scale: short side to ``min_size``, long side at most ``max_size``."""
-        if self.cfg.min_size <= 0:
-            return 1.0
-        scale = self.cfg.min_size / min(height, width)
-        if self.cfg.max_size > 0:
-            scale = min(scale, self.cfg.max_size / max(height, width))
-        return scale
-
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None
                    ) -> tuple[Tensor, list[tuple[int, int]], Tensor, list[dict] | None]:
-        """Resize, normalise, pad to a multiple of ``size_divisible``.
-
-        Returns the batch (B, 3, H, W), unpadded sizes [(h, w)], scale factors (B, 2) as
-        (sx, sy) = new / old, and the targets with boxes in the batch's pixels.
-        """
-        resized, sizes, factors = [], [], []
-        for img in images:
-            if img.dim() != 3 or img.shape[0] != 3:
-                raise ValueError(f"expected 3 x H x W images, got shape {tuple(img.shape)}")
-            h, w = img.shape[-2:]
-            scale = self.resize_scale(h, w)
-            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-            img = img.to(self.pixel_mean.device, torch.float32)
-            if (nh, nw) != (h, w):
-                img = F.interpolate(img[None], size=(nh, nw), mode="bilinear",
-                                    align_corners=False)[0]
-            resized.append((img - self.pixel_mean) / self.pixel_std)
-            sizes.append((nh, nw))
-            factors.append((nw / w, nh / h))
-        batch = pad_batch(resized, self.cfg.size_divisible)
-        factor = torch.tensor(factors, device=batch.device)
+        """:func:`preprocess_images` with this model's sizes, plus the targets' boxes
+        scaled into the batch's pixels."""
+        batch, sizes, factor = preprocess_images(
+            images, min_size=self.cfg.min_size, max_size=self.cfg.max_size,
+            size_divisible=self.cfg.size_divisible, device=self.head.cls_out.weight.device)
         if targets is not None:
             targets = [_scale_target(tgt, f) for tgt, f in zip(targets, factor, strict=True)]
         return batch, sizes, factor, targets
@@ -118,7 +89,7 @@ class O2F(nn.Module):
     def forward_dense(self, batch: Tensor) -> HeadOutputs:
         feats = self.neck(self.backbone(batch))
         cls_logits, box_ltrb, obj_logits = self.head(feats)
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
+        shapes = [(f.shape[-2], f.shape[-1]) for f in feats]  # symbolic when exported
         points, strides = make_points(shapes, self.strides, batch.device)
         return HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, shapes)
 
@@ -246,7 +217,7 @@ class O2F(nn.Module):
         start = 0
         for n in out.level_sizes:
             level = scores[:, start:start + n].reshape(num_images, -1)
-            top_scores, index = level.topk(min(cfg.pre_topk, level.shape[1]), dim=1)
+            top_scores, index = level.topk(torch.sym_min(cfg.pre_topk, level.shape[1]), dim=1)
             point = torch.div(index, num_classes, rounding_mode="floor") + start
             ltrb = out.box_ltrb.gather(1, point[..., None].expand(-1, -1, 4))
             boxes = decode(out.points[point], ltrb)
@@ -258,7 +229,7 @@ class O2F(nn.Module):
                                  torch.cat(all_labels, 1))
         if cfg.use_nms:
             return self._nms(boxes, scores, labels)
-        k = min(cfg.topk, scores.shape[1])
+        k = torch.sym_min(cfg.topk, scores.shape[1])
         scores, order = scores.topk(k, dim=1)
         boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
         return boxes, scores, labels.gather(1, order)
@@ -275,6 +246,43 @@ class O2F(nn.Module):
             out_b[i, : keep.numel()], out_s[i, : keep.numel()] = b[keep], s[keep]
             out_l[i, : keep.numel()] = lab[keep]
         return out_b, out_s, out_l
+
+
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """Keep-ratio scale: short side to ``min_size``, long side at most ``max_size``
+    (``min_size`` <= 0: no resizing)."""
+    if min_size <= 0:
+        return 1.0
+    scale = min_size / min(height, width)
+    return min(scale, max_size / max(height, width)) if max_size > 0 else scale
+
+
+def preprocess_images(images: list[Tensor], *, min_size: int, max_size: int,
+                      size_divisible: int = 32, device: torch.device | str | None = None
+                      ) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
+    """Resize (keep ratio, bilinear), normalise and pad 3 x H x W images in [0, 1].
+
+    Returns the batch (B, 3, H, W), the unpadded sizes [(h, w)] and the scale factors
+    (B, 2) as (sx, sy) = new / old, which map boxes back to the inputs' pixels.
+    """
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(3, 1, 1) / 255
+    std = torch.tensor(PIXEL_STD, device=device).view(3, 1, 1) / 255
+    resized, sizes, factors = [], [], []
+    for img in images:
+        if img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f"expected 3 x H x W images, got shape {tuple(img.shape)}")
+        h, w = img.shape[-2:]
+        scale = resize_scale(h, w, min_size, max_size)
+        nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+        img = img.to(device, torch.float32)
+        if (nh, nw) != (h, w):
+            img = F.interpolate(img[None], size=(nh, nw), mode="bilinear",
+                                align_corners=False)[0]
+        resized.append((img - mean) / std)
+        sizes.append((nh, nw))
+        factors.append((nw / w, nh / h))
+    batch = pad_batch(resized, size_divisible)
+    return batch, sizes, torch.tensor(factors, device=batch.device)
 
 
 def pad_batch(images: list[Tensor], size_divisible: int = 32) -> Tensor:
