@@ -71,14 +71,19 @@ def test_resume_continues_exactly(rectangles, tmp_path):
 
 
 def test_epoch_batches_are_grouped_deterministic_and_cover_the_data():
-    landscape = [True] * 10 + [False] * 5
-    a = epoch_batches(landscape, 4, seed=1, epoch=0)
-    assert a == epoch_batches(landscape, 4, seed=1, epoch=0)
-    assert a != epoch_batches(landscape, 4, seed=1, epoch=1)
+    sizes = [(100, 200 + i) for i in range(10)] + [(300 - i, 100) for i in range(5)]
+    a = epoch_batches(sizes, 4, seed=1, epoch=0)
+    assert a == epoch_batches(sizes, 4, seed=1, epoch=0)
+    assert a != epoch_batches(sizes, 4, seed=1, epoch=1)
     assert all(len(b) == 4 for b in a)
+    landscape = [w >= h for h, w in sizes]
     assert all(len({landscape[i] for i in b}) == 1 for b in a)  # one orientation per batch
     assert set().union(*a) == set(range(15))
     assert len(a) == 3 + 2  # 10 -> 12 landscape (3 batches), 5 -> 8 portrait (2)
+    # within a pool of batches images are sorted by area: batches do not interleave
+    pooled = epoch_batches(sizes[:10], 2, seed=3, epoch=0, pool=5)
+    spans = sorted((min(sizes[i][1] for i in b), max(sizes[i][1] for i in b)) for b in pooled)
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:], strict=False))
 
 
 def test_presets_follow_the_release_recipes():

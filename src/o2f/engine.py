@@ -104,18 +104,21 @@ def total_iters(cfg: Config, iters_per_epoch: int) -> int:
 
 # --------------------------------------------------------------------------- data order
 
-def epoch_batches(landscape: list[bool], batch_size: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> list[list[int]]:
+def epoch_batches(sizes: list[tuple[int, int]], batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True, pool: int = 8) -> list[list[int]]:
     """The global batches of one epoch, a pure function of (seed, epoch).
 
-    Images are grouped by orientation (landscape / portrait) so a batch pads little; each
-    group is shuffled and filled up to a multiple of ``batch_size`` by repeating its own
-    first images, and the batches of both groups are shuffled together. Every process
-    computes the same list and takes its slice of each batch, so N processes see exactly
-    the samples one process would, and a resumed run can skip the batches already done.
+    ``sizes`` are the images' (height, width). Images are grouped by orientation
+    (landscape / portrait) so a batch pads little; each group is shuffled and filled up to
+    a multiple of ``batch_size`` by repeating its own first images; within each run of
+    ``pool`` batches images are sorted by area before being cut into batches, which cuts
+    padding further while keeping the order random. The batches are shuffled together.
+    Every process computes the same list and takes its slice of each batch, so N processes
+    see exactly the samples one process would, and a resumed run can skip the batches done.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    flags = torch.tensor(landscape, dtype=torch.bool)
+    area = torch.tensor([h * w for h, w in sizes], dtype=torch.float64)
+    flags = torch.tensor([w >= h for h, w in sizes], dtype=torch.bool)
     batches = []
     for group in (torch.nonzero(flags).squeeze(1), torch.nonzero(~flags).squeeze(1)):
         if group.numel() == 0:
@@ -124,7 +127,9 @@ def epoch_batches(landscape: list[bool], batch_size: int, seed: int, epoch: int,
             group = group[torch.randperm(group.numel(), generator=g)]
         pad = -group.numel() % batch_size
         group = torch.cat([group, group.repeat(pad // group.numel() + 1)[:pad]])
-        batches += group.view(-1, batch_size).tolist()
+        for chunk in group.split(batch_size * pool):
+            chunk = chunk[torch.sort(area[chunk], stable=True).indices]
+            batches += chunk.view(-1, batch_size).tolist()
     if shuffle:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
@@ -354,8 +359,9 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    landscape = [ar >= 1 for ar in train_set.aspect_ratios]
-    iters_per_epoch = len(epoch_batches(landscape, cfg.train.batch_size, cfg.train.seed, 0))
+    image_sizes = [(info["height"], info["width"])
+                   for info in map(train_set.get_image_info, range(len(train_set)))]
+    iters_per_epoch = len(epoch_batches(image_sizes, cfg.train.batch_size, cfg.train.seed, 0))
     stop_at = total_iters(cfg, iters_per_epoch)
     events = EventWriter(work_dir)
     epoch_data = EpochDataset(train_set, cfg.train.seed)
@@ -375,7 +381,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             break
         t = soft_label_ceiling(epoch, cfg.train.epochs, cfg.model.t_start, cfg.model.t_end)
         epoch_data.epoch = epoch
-        batches = epoch_batches(landscape, cfg.train.batch_size, cfg.train.seed, epoch)
+        batches = epoch_batches(image_sizes, cfg.train.batch_size, cfg.train.seed, epoch)
         todo = batches[state.iter_in_epoch:][:stop_at - state.global_iter]
         local = [b[rank * per_rank:(rank + 1) * per_rank] for b in todo]
         loader = DataLoader(epoch_data, batch_sampler=local, collate_fn=collate_train,
