@@ -74,10 +74,10 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from o2f.predict import predict_images
 
-    if not args.checkpoint:
-        raise SystemExit("o2f predict: --checkpoint is required")
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise SystemExit("o2f predict: give exactly one of --checkpoint and --onnx")
     predict_images(_image_paths(args.inputs), args.out, checkpoint=args.checkpoint,
-                   score_thresh=args.score_thresh)
+                   onnx=args.onnx, score_thresh=args.score_thresh)
     print(f"wrote {args.out}/detections.json and the pictures")
     return 0
 
@@ -89,6 +89,18 @@ def cmd_data(args: argparse.Namespace) -> int:
                         num_val=args.val, fmt=args.format, single_class=args.single_class)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from o2f.engine import model_from_checkpoint
+    from o2f.export import export_onnx, onnx_ops
+
+    model, _, ckpt = model_from_checkpoint(args.checkpoint)
+    path = export_onnx(model, args.out, size=tuple(args.size), dynamic=args.dynamic,
+                       class_names=ckpt.get("class_names"))
+    print(f"wrote {path}: inputs images, sizes; outputs boxes, scores, labels; "
+          f"{len(onnx_ops(path))} operator types, none of them NMS")
     return 0
 
 
@@ -121,10 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images; draw and save them")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
     p.add_argument("--checkpoint", help="an o2f checkpoint (last.pt)")
+    p.add_argument("--onnx", help="run an exported graph (o2f export) with onnxruntime")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="draw and save detections above this score (default 0.3)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export an NMS-free ONNX graph")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1344], metavar=("H", "W"),
+                   help="padded input size, multiples of 32 (default 800 1344)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="free batch, height and width (what `o2f predict --onnx` needs "
+                        "for images of any size)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="write a built-in dataset")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)

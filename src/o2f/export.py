@@ -12,12 +12,15 @@ K is ``model.topk``; entries with a score at or below ``model.score_thresh`` are
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from o2f.config import ModelConfig
 from o2f.model.detector import O2F, preprocess_images
 
 
@@ -34,11 +37,13 @@ class ExportableO2F(nn.Module):
 
 
 def export_onnx(model: O2F, path: str | Path, *, size: tuple[int, int] = (800, 1344),
-                batch: int = 1, dynamic: bool = False, opset: int = 18) -> Path:
+                batch: int = 1, dynamic: bool = False, opset: int = 18,
+                class_names: list[str] | None = None) -> Path:
     """Write ``model`` to ``path`` as ONNX and check it with onnx.checker.
 
     ``size`` is the padded input size (a multiple of 32); with ``dynamic`` the batch,
-    height and width are free.
+    height and width are free. The model config and class names are stored in the graph's
+    metadata, so ``o2f predict --onnx`` needs nothing else.
     """
     try:
         import onnx
@@ -66,7 +71,13 @@ def export_onnx(model: O2F, path: str | Path, *, size: tuple[int, int] = (800, 1
             output_names=["boxes", "scores", "labels"], opset_version=opset,
             dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False)
         program.save(str(path))
-    onnx.checker.check_model(onnx.load(str(path)))
+    graph = onnx.load(str(path))
+    meta = {"o2f_model_config": json.dumps(asdict(model.cfg)),
+            "o2f_class_names": json.dumps(class_names or [])}
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
     return path
 
 
@@ -83,7 +94,8 @@ class OnnxDetector:
     PyTorch model: ``detector([image])`` -> ``[{boxes, scores, labels}]`` in the image's
     own pixels, numpy arrays."""
 
-    def __init__(self, path: str | Path, model_cfg, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, model_cfg: ModelConfig | None = None,
+                 threads: int | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -94,7 +106,13 @@ class OnnxDetector:
                                             providers=["CPUExecutionProvider"])
         shape = self.session.get_inputs()[0].shape
         self.fixed = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if model_cfg is None:
+            if "o2f_model_config" not in meta:
+                raise ValueError(f"{path}: no o2f config in the graph's metadata")
+            model_cfg = ModelConfig(**json.loads(meta["o2f_model_config"]))
         self.cfg = model_cfg
+        self.class_names: list[str] = json.loads(meta.get("o2f_class_names", "[]"))
         self.score_thresh = model_cfg.score_thresh
 
     def run_batch(self, batch: Tensor, sizes: list[tuple[int, int]]

@@ -30,13 +30,30 @@ def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: li
     return draw_bounding_boxes(image, boxes, captions, colors=colors, width=width)
 
 
-def predict_images(paths: list[Path], out_dir: str | Path, *, checkpoint: str | Path,
+def predict_images(paths: list[Path], out_dir: str | Path, *,
+                   checkpoint: str | Path | None = None, onnx: str | Path | None = None,
                    score_thresh: float = 0.3, device: str | None = None) -> list[dict[str, Any]]:
-    """Run the checkpoint's model on each image; write ``out_dir/<name>.png`` with the
-    boxes drawn and ``out_dir/detections.json`` (boxes x1y1x2y2 in the file's pixels)."""
+    """Run a checkpoint's model (or an exported ONNX graph through onnxruntime, with the
+    same pre-processing) on each image; write ``out_dir/<name>.png`` with the boxes drawn
+    and ``out_dir/detections.json`` (boxes x1y1x2y2 in the file's pixels)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, ckpt = model_from_checkpoint(checkpoint, device=device)
-    class_names = ckpt.get("class_names") or [str(i) for i in range(model.cfg.num_classes)]
+    if onnx is not None:
+        from o2f.export import OnnxDetector
+
+        detector = OnnxDetector(onnx)
+        class_names = detector.class_names
+
+        def model(images):
+            return [{k: torch.from_numpy(v) for k, v in d.items()}
+                    for d in detector([img.cpu() for img in images])]
+        num_classes = detector.cfg.num_classes
+    elif checkpoint is not None:
+        model, _, ckpt = model_from_checkpoint(checkpoint, device=device)
+        class_names = ckpt.get("class_names") or []
+        num_classes = model.cfg.num_classes
+    else:
+        raise ValueError("predict_images needs a checkpoint or an ONNX file")
+    class_names = class_names or [str(i) for i in range(num_classes)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
