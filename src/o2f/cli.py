@@ -104,6 +104,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from o2f.convert import convert_mmdet
+
+    report = convert_mmdet(args.mmdet, args.out, args.config)
+    print(f"wrote {args.out} ({report['num_classes']} classes)")
+    if report["replaced_globals"]:
+        print("pickled objects not loaded (inert stand-ins): "
+              + ", ".join(report["replaced_globals"]))
+    if report["unmatched_keys"]:
+        print(f"{len(report['unmatched_keys'])} keys of the file were not used: "
+              + ", ".join(report["unmatched_keys"][:10]))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from o2f.demo import run_demo
 
@@ -148,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free batch, height and width (what `o2f predict --onnx` needs "
                         "for images of any size)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="convert a checkpoint of the authors' release")
+    p.add_argument("--mmdet", required=True, help="the release's .pth file")
+    p.add_argument("--out", required=True, help="the o2f checkpoint to write")
+    p.add_argument("--config", default="r50_1x",
+                   help="the preset it was trained with (default r50_1x)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("data", help="write a built-in dataset")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
