@@ -77,14 +77,23 @@ class DigitsCNN(nn.Module):
 
     widths = (24, 48, 64, 96, 128)
 
-    def __init__(self) -> None:
+    def __init__(self, norm_eval: bool = False) -> None:
         super().__init__()
+        self.norm_eval = norm_eval
         stages, c_in = [], 3
         for width in self.widths:
             stages.append(nn.Sequential(_conv_bn(c_in, width, 2), _conv_bn(width, width, 1)))
             c_in = width
         self.stages = nn.ModuleList(stages)
         self.out_channels = list(self.widths[2:])
+
+    def train(self, mode: bool = True) -> DigitsCNN:
+        super().train(mode)
+        if mode and self.norm_eval:  # BN statistics frozen (e.g. to compare DDP runs)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outs = []
@@ -126,7 +135,7 @@ def build_backbone(name: str, weights: str | None = None, *, frozen_stages: int 
                    norm_eval: bool | None = None) -> nn.Module:
     """Backbone by name. ``norm_eval=None`` means "frozen BN when starting from weights"."""
     if name == "digits_cnn":
-        return DigitsCNN()
+        return DigitsCNN(norm_eval=bool(norm_eval))
     if name == "swin_t":
         return SwinBackbone(weights)
     if norm_eval is None:
