@@ -298,9 +298,11 @@ def _greedy_match(iou: np.ndarray) -> np.ndarray:
     rows = np.flatnonzero(cand.any(axis=1))
     if rows.size == 0:
         return match
-    cols = np.flatnonzero(cand[rows].any(axis=0))
-    sub = np.where(cand[np.ix_(rows, cols)], iou[np.ix_(rows, cols)], -np.inf)
-    if (cand[rows][:, cols].sum(axis=0) == 1).all():
+    cand = cand[rows]
+    cols = np.flatnonzero(cand.any(axis=0))
+    cand = cand[:, cols]
+    sub = np.where(cand, iou[rows][:, cols], -np.inf)
+    if (cand.sum(axis=0) == 1).all():
         # no person is wanted by two detections: every detection gets its best person
         match[rows] = cols[sub.argmax(axis=1)]
         return match
@@ -328,27 +330,25 @@ def _ji_counts(
     """
     out = np.zeros((len(n_kept), 3), dtype=np.int64)
     edges = iou > IOU_THRESHOLD
+    weights = np.where(edges, iou, 0.0)  # 0 = no edge (every real edge weighs > 0.5)
+    has_edge = edges.any(axis=1)
     num_persons = iou.shape[1]
+    ignored_gt_all = int(gt_covered.sum())
     done: dict[int, tuple[int, int, int]] = {}
     for t, n in enumerate(n_kept):
         if n not in done:
-            e = edges[:n]
-            rows = np.flatnonzero(e.any(axis=1))
-            cols = np.flatnonzero(e[rows].any(axis=0))
-            if rows.size == 0:
-                dt_m = gt_m = np.zeros(0, dtype=np.int64)
-            elif (e[rows][:, cols].sum(axis=0) == 1).all() and (e[rows].sum(axis=1) == 1).all():
-                # disjoint pairs: the matching is every edge
-                dt_m, gt_m = rows, cols[e[rows][:, cols].argmax(axis=1)]
-            else:
-                w = np.where(e[np.ix_(rows, cols)], iou[np.ix_(rows, cols)], 0.0)
+            rows = np.flatnonzero(has_edge[:n])
+            dt_m = gt_m = rows[:0]
+            if rows.size:
+                w = weights[rows]
+                cols = np.flatnonzero(w.any(axis=0))
+                w = w[:, cols]
                 r, c = linear_sum_assignment(w, maximize=True)
-                ok = w[r, c] > 0  # a zero weight is "no edge", not a match
+                ok = w[r, c] > 0  # rectangular problems also pair rows with non-edges
                 dt_m, gt_m = rows[r[ok]], cols[c[ok]]
-            k = dt_m.size
-            ignored_dt = int(dt_covered[:n].sum() - dt_covered[dt_m].sum())
-            ignored_gt = int(gt_covered.sum() - gt_covered[gt_m].sum())
-            done[n] = (k, num_persons - ignored_gt, n - ignored_dt)
+            ignored_dt = int(dt_covered[:n].sum()) - int(dt_covered[dt_m].sum())
+            ignored_gt = ignored_gt_all - int(gt_covered[gt_m].sum())
+            done[n] = (dt_m.size, num_persons - ignored_gt, n - ignored_dt)
         out[t] = done[n]
     return out
 
