@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from o2f.data.coco import CocoDetection, DatasetError, ImageReadError, load_image, validate_coco
-from o2f.data.samplers import GroupedBatchSampler
 from o2f.data.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -374,31 +373,9 @@ def test_collate_pads_to_32_and_normalises():
 def test_end_to_end_loader(simple):
     ds = CocoDetection(*simple, build_transforms(True, min_size=(64, 96), max_size=128),
                        train=True, ignore_mode="exclude")
-    sampler = GroupedBatchSampler(SequentialSampler(ds), ds.aspect_ratios, batch_size=2)
-    images, sizes, targets = next(iter(DataLoader(ds, batch_sampler=sampler,
-                                                  collate_fn=collate)))
+    images, sizes, targets = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
     assert images.shape[0] == 2 and images.shape[2] % 32 == 0 and images.shape[3] % 32 == 0
     for (h, w), t in zip(sizes, targets, strict=True):
         assert 64 <= min(h, w) <= 96 and max(h, w) <= 128
         assert t["boxes"].shape[0] == t["labels"].shape[0] >= 1
         assert (t["boxes"][:, 2:] <= torch.tensor([w, h])).all()
-
-
-# ------------------------------------------------------------------------------ sampler
-
-
-def test_grouped_batch_sampler():
-    ratios = [1.5, 0.7, 1.2, 0.5, 2.0, 0.9, 1.0, 1.3, 0.8, 1.7, 0.6]  # 1.0 counts as portrait
-    landscape = {i for i, r in enumerate(ratios) if r > 1}
-    order = [10, 3, 0, 7, 1, 5, 2, 9, 4, 6, 8]
-    sampler = GroupedBatchSampler(order, ratios, batch_size=3)
-    batches = list(sampler)
-    assert batches == list(sampler)  # deterministic given the wrapped order
-    assert len(batches) == len(sampler) == 4  # ceil(11 / 3)
-    assert sorted(i for b in batches for i in b) == list(range(11))  # each index once
-    full = [b for b in batches if len(b) == 3]
-    mixed = [b for b in full if len({i in landscape for i in b}) > 1]
-    assert len(mixed) <= 1
-    assert batches[0] == [10, 3, 1]  # the first portrait triple, in sampler order
-    dropped = GroupedBatchSampler(order, ratios, batch_size=3, drop_last=True)
-    assert len(list(dropped)) == len(dropped) == 3
