@@ -200,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from o2f.config import ConfigError
     from o2f.data.coco import DatasetError
-    from o2f.engine import CheckpointError, NonFiniteLossError
+    from o2f.engine import CheckpointError, NonFiniteLossError, OutOfMemoryHint
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
+            OutOfMemoryHint) as e:
         print(f"o2f {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

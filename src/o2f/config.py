@@ -205,10 +205,11 @@ def digits() -> Config:
     cfg.data.train = SplitConfig("data/digits/annotations/train.json", "data/digits/train")
     cfg.data.val = SplitConfig("data/digits/annotations/val.json", "data/digits/val")
     cfg.data.min_size, cfg.data.max_size, cfg.data.flip = [0, 0], 0, False  # native size
+    cfg.data.num_workers = 1  # two cores: one worker decodes while the model trains
     t = cfg.train
     t.optimizer, t.lr, t.base_batch_size, t.batch_size = "adamw", 2e-3, 8, 8
     t.weight_decay, t.warmup_iters, t.warmup_ratio = 0.05, 100, 0.01
-    t.schedule, t.epochs, t.steps, t.eval_every = "cosine", 13, [], 13
+    t.schedule, t.epochs, t.steps, t.eval_every = "cosine", 12, [], 12
     t.eval_batch_size, t.log_every = 8, 10
     return cfg
 

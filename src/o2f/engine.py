@@ -37,6 +37,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+class OutOfMemoryHint(RuntimeError):
+    """The device ran out of memory; the message says what to lower."""
+
+
 @dataclass
 class TrainState:
     """Where training is: the epoch being run and how many of its batches are done."""
@@ -397,9 +401,17 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             images = images.to(device, non_blocking=True)
             targets = _to_device(targets, device)
             state.replaced_images += sum(int(tg.get("replaced", 0)) for tg in targets)
-            with _autocast(device, cfg):
-                losses = net(images, targets, image_sizes=sizes, t=t)
-            total = sum(losses.values())
+            try:
+                with _autocast(device, cfg):
+                    losses = net(images, targets, image_sizes=sizes, t=t)
+                total = sum(losses.values())
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemoryHint(
+                    f"out of memory at iteration {state.global_iter} on a batch of "
+                    f"{images.shape[0]} images of {images.shape[2]}x{images.shape[3]} px per "
+                    f"process: lower train.batch_size (the lr follows), data.max_size / "
+                    f"data.min_size, or enable mixed precision (train.amp=true, CUDA); "
+                    f"{last} holds the last checkpoint") from e
             finite = torch.isfinite(total.detach()).float()
             if world > 1:
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

@@ -247,7 +247,7 @@ def _clip(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """(N, 4) x1y1x2y2 clipped as the reference does: x1, y1 into [0, size - 1] but x2, y2
     into [0, size] (a box lying right of the image keeps a one-pixel sliver)."""
     out = np.empty_like(boxes)
-    out[:, 0] = np.minimum(np.maximum(boxes[:, 0], 0), width - 1)
+    out[:, 0] = np.minimum(np.maximum(boxes[:, 0], 0), width)
     out[:, 1] = np.minimum(np.maximum(boxes[:, 1], 0), height - 1)
     out[:, 2] = np.maximum(np.minimum(boxes[:, 2], width), 0)
     out[:, 3] = np.maximum(np.minimum(boxes[:, 3], height), 0)
