@@ -118,10 +118,13 @@ def test_score_ties_within_an_image_keep_box_order():
     # P and Q overlap; D2 fits P best (IoU .905) and Q too (.739); D1 fits only P (.739).
     gt = [gt_record("a", [person(10, 0, 20, 40), person(14, 0, 20, 40)])]
     d1, d2 = det(7, 0, 20, 40, 0.5), det(11, 0, 20, 40, 0.5)
+    # Far-away false positives, many with the same score: enough boxes for an unstable sort
+    # to reorder the ties.
+    fill = [det(100 + 3 * i, 50, 20, 40, (0.9, 0.5, 0.1)[i % 3]) for i in range(12)]
     # D1 first takes P, then D2 takes Q: both TPs.
-    assert evaluate(gt, [{"ID": "a", "dtboxes": [d1, d2]}])["recall"] == 1.0
+    assert evaluate(gt, [{"ID": "a", "dtboxes": fill + [d1, d2] + fill}])["recall"] == 1.0
     # D2 first takes P, and D1's only candidate is gone: a FP.
-    assert evaluate(gt, [{"ID": "a", "dtboxes": [d2, d1]}])["recall"] == 0.5
+    assert evaluate(gt, [{"ID": "a", "dtboxes": fill + [d2, d1] + fill}])["recall"] == 0.5
 
 
 def test_asymmetric_clipping():

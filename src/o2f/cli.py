@@ -118,6 +118,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from o2f.bench import format_report, run_bench
+
+    report = run_bench(args.config, tuple(args.size), args.batch, args.repeats,
+                       onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from o2f.demo import run_demo
 
@@ -169,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="r50_1x",
                    help="the preset it was trained with (default r50_1x)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="latency / throughput next to torchvision's FCOS")
+    from o2f.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="write a built-in dataset")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)

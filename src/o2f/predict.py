@@ -49,6 +49,7 @@ def predict_images(paths: list[Path], out_dir: str | Path, *,
         num_classes = detector.cfg.num_classes
     elif checkpoint is not None:
         model, _, ckpt = model_from_checkpoint(checkpoint, device=device)
+        model.fuse_batchnorm()
         class_names = ckpt.get("class_names") or []
         num_classes = model.cfg.num_classes
     else:

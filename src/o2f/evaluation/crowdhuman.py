@@ -10,7 +10,10 @@ and the O2F authors (AP and MR by ``APMRToolkits``' ``Database.eval_AP`` / ``eva
    tags crowds and reflections ``"mask"``). Detections: ``box`` and ``score`` of ``dtboxes``
    (their ``tag`` is not read). All boxes become x1y1x2y2 and are clipped to the image
    *asymmetrically*: x1 to [0, width - 1], y1 to [0, height - 1], x2 to [0, width], y2 to
-   [0, height].
+   [0, height]. The official val file carries no size (the reference takes ``width`` /
+   ``height`` from whichever of the two files has them first, in practice the detection
+   dump); here: the gt record, else the detection record, else ``image_sizes``, else the
+   image headers in ``image_dir``.
 2. Overlaps: IoU = inter / (area_a + area_b - inter + 1e-6) and, against ignore regions, the
    intersection over the box's own area, inter / (area + 1e-6). Every threshold is strict:
    an IoU of exactly 0.5 is not a match.
@@ -18,13 +21,14 @@ and the O2F authors (AP and MR by ``APMRToolkits``' ``Database.eval_AP`` / ``eva
    a detection takes the still unmatched person of highest IoU if that IoU is > 0.5 (ties:
    the earlier person); otherwise, if it covers an ignore region (own-area overlap > 0.5), it
    is dropped; otherwise it is a false positive. Ignore regions can absorb any number of
-   detections. The kept detections of all images are then sorted by score (ties keep the
-   gt file's image order, then the order within the image: the sorts are stable) and
-   accumulated into recall = TP / persons and precision = TP / (TP + FP) points.
+   detections, but persons inside them still count (only JI forgives those). The kept
+   detections of all images are then sorted by score (ties keep the gt file's image order,
+   then the order within the image: the sorts are stable) and accumulated into
+   recall = TP / persons and precision = TP / (TP + FP) points.
 
    - AP is the trapezoidal area under those points. There is no point at recall 0, so the
      area before the first detection is left out: a perfect detector of G persons scores
-     (G - 1) / G, not 1 (0.99998 on CrowdHuman val, whose 4,370 images hold 99,481 persons).
+     (G - 1) / G, not 1 (about 0.99999 with CrowdHuman val's roughly 100,000 persons).
    - MR is the log-average miss rate at the nine FPPI (false positives per image) points
      0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1.000 (10^-2..10^0
      rounded to 4 decimals, as in the reference). For each point the miss rate is read at
@@ -48,8 +52,9 @@ Where the reference code crashes or returns NaN, this module returns defined num
 - an image absent from the detections (the reference fails), or with no detections, simply
   contributes misses; detections of images not in the ground truth are an error;
 - with no detection kept at all, or no person in the whole ground truth: AP 0, recall 0 and
-  MR 1 (the reference: NaN or ZeroDivisionError); JI 0 at a threshold where every image
-  has m = n = 0 (the reference divides by zero).
+  MR 1 (the reference gives AP 0, MR NaN and no recall at all for the first, and a
+  ZeroDivisionError for the second); JI 0 at a threshold where every image has m = n = 0
+  (the reference divides by zero).
 
 Two deviations, both unreachable with CrowdHuman's own files: a tag ``"background"`` (the
 reference gives it class 0, counting it as a person that can never be matched) is an ignore
@@ -183,7 +188,6 @@ def _load_dt(dt_odgt: Records, images: list[_Image], gt_name: str) -> None:
 def _fill_sizes(
     images: list[_Image],
     gt_odgt: Records,
-    gt_name: str,
     image_sizes: Mapping[str, tuple[int, int]] | None,
     image_dir: str | os.PathLike | None,
 ) -> None:
@@ -204,8 +208,11 @@ def _fill_sizes(
     if cache_path is not None and cache_path.is_file():
         try:
             cache = json.loads(cache_path.read_text(encoding="utf-8"))
+            if not isinstance(cache, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             warnings.warn(f"{cache_path}: unreadable size cache, ignored ({e})", stacklevel=3)
+            cache = {}
     for img in missing:
         if img.id in cache:
             img.size = tuple(cache[img.id])
@@ -247,7 +254,7 @@ def _clip(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     """(N, 4) x1y1x2y2 clipped as the reference does: x1, y1 into [0, size - 1] but x2, y2
     into [0, size] (a box lying right of the image keeps a one-pixel sliver)."""
     out = np.empty_like(boxes)
-    out[:, 0] = np.minimum(np.maximum(boxes[:, 0], 0), width)
+    out[:, 0] = np.minimum(np.maximum(boxes[:, 0], 0), width - 1)
     out[:, 1] = np.minimum(np.maximum(boxes[:, 1], 0), height - 1)
     out[:, 2] = np.maximum(np.minimum(boxes[:, 2], width), 0)
     out[:, 3] = np.maximum(np.minimum(boxes[:, 3], height), 0)
@@ -430,8 +437,8 @@ def crowdhuman_evaluate(
             [x, y, w, h], "tag": "person" | "mask", "extra": {"ignore": 0 | 1}}]}``, optionally
             with ``"width"``/``"height"``. Its images (and their order) define the set.
         dt_odgt: detections, a path or records ``{"ID", "dtboxes": [{"box": [x, y, w, h],
-            "score": s, "tag": 1}]}`` in pixels of the original image; images without a
-            record have no detections.
+            "score": s, "tag": 1}]}`` in pixels of the original image, optionally with
+            ``"width"``/``"height"``; images without a record have no detections.
         image_sizes: ``{ID: (height, width)}`` for records without ``width``/``height``.
         image_dir: folder of ``{ID}.jpg`` for the remaining sizes, read from the headers
             once and cached in ``<gt_odgt>.sizes.json`` (when ``gt_odgt`` is a path).
@@ -446,7 +453,7 @@ def crowdhuman_evaluate(
     """
     gt_name, images = _load_gt(gt_odgt)
     _load_dt(dt_odgt, images, gt_name)
-    _fill_sizes(images, gt_odgt, gt_name, image_sizes, image_dir)
+    _fill_sizes(images, gt_odgt, image_sizes, image_dir)
 
     flags, counts = [], np.zeros((len(images), len(JI_SCORE_THRESHOLDS), 3), dtype=np.int64)
     for i, img in enumerate(images):

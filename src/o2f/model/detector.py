@@ -85,6 +85,20 @@ class O2F(nn.Module):
             targets = [_scale_target(tgt, f) for tgt, f in zip(targets, factor, strict=True)]
         return batch, sizes, factor, targets
 
+    def fuse_batchnorm(self) -> O2F:
+        """Fold every BatchNorm that directly follows a conv into that conv, for inference
+        (the model must stay in eval mode afterwards). Returns self."""
+        if self.training:
+            raise RuntimeError("fuse_batchnorm() is for inference: call model.eval() first")
+        for module in self.modules():
+            names = list(module._modules)
+            for first, second in zip(names, names[1:], strict=False):
+                conv, bn = module._modules[first], module._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[first] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                    module._modules[second] = nn.Identity()
+        return self
+
     # ------------------------------------------------------------------ network
     def forward_dense(self, batch: Tensor) -> HeadOutputs:
         feats = self.neck(self.backbone(batch))
