@@ -1,0 +1,177 @@
+"""The paper's ablation on the built-in crowd of digits: one-to-few vs one-to-one vs
+one-to-many (+/- NMS), under one training budget.
+
+    python benchmarks/ablation.py --out runs/ablation [--budget 1.0] [--classes 1]
+
+Trains the ``digits`` preset three times on the crowd variant (same data, seed,
+iterations and model; only ``model.assign`` differs) and evaluates o2f without NMS, o2o
+without NMS, o2m with NMS (IoU 0.6) and o2m without NMS. Writes ``results.json``,
+``results.md`` (a Markdown table), ``ap.png`` (a bar chart) and side-by-side pictures of
+crowded val images (o2f without NMS | o2m with NMS) to ``--out``.
+
+The duplicate rate counts, per image, detections scoring at least 0.3 that overlap
+(IoU >= 0.5, same class) a higher-scored detection matched to the same ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from o2f.config import SplitConfig, load_config
+from o2f.data import build_dataset
+from o2f.data.digits import make_digits
+from o2f.engine import model_from_checkpoint, predict, train
+from o2f.evaluation import coco_evaluate
+
+VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("o2m + NMS", "o2m", True),
+            ("o2m, no NMS", "o2m", False)]
+
+
+def duplicate_rate(results: list[dict], coco, score: float = 0.3, iou: float = 0.5) -> float:
+    """Mean number per image of confident detections that repeat a better one on the same
+    ground-truth object (see the module docstring)."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= score:
+            by_image.setdefault(r["image_id"], []).append(r)
+    duplicates = 0
+    for image_id, dets in by_image.items():
+        dets.sort(key=lambda d: -d["score"])
+        gts = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        if not gts:
+            continue
+        xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
+        d_boxes = torch.tensor([xyxy(d["bbox"]) for d in dets])
+        g_boxes = torch.tensor([xyxy(a["bbox"]) for a in gts], dtype=torch.float32)
+        d_cls = torch.tensor([d["category_id"] for d in dets])
+        g_cls = torch.tensor([a["category_id"] for a in gts])
+        to_gt = box_iou(d_boxes, g_boxes) * (d_cls[:, None] == g_cls[None])
+        best, matched = to_gt.max(1)
+        matched = torch.where(best >= iou, matched, -1)
+        mutual = box_iou(d_boxes, d_boxes) >= iou
+        same = (matched[:, None] == matched[None]) & (matched[:, None] >= 0)
+        same_cls = d_cls[:, None] == d_cls[None]
+        higher = torch.ones(len(dets), len(dets), dtype=torch.bool).tril(-1)  # j < i
+        duplicates += int((mutual & same & same_cls & higher).any(1).sum())
+    return duplicates / max(len(coco.getImgIds()), 1)
+
+
+def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int = 4) -> None:
+    """Crowded val images: o2f without NMS (left) and o2m with NMS (right)."""
+    from PIL import Image
+
+    from o2f.predict import draw
+
+    coco = val_set.coco
+    ids = sorted(coco.getImgIds(), key=lambda i: -len(coco.imgToAnns[i]))[:count]
+    for image_id in ids:
+        index = val_set.image_ids.index(image_id)
+        image, _ = val_set[index]
+        image = (image * 255).to(torch.uint8)
+        panels = []
+        for name in ("o2f", "o2m + NMS"):
+            dets = [r for r in runs[name] if r["image_id"] == image_id and r["score"] >= 0.3]
+            boxes = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]]
+                                  for b in (d["bbox"] for d in dets)]).reshape(-1, 4)
+            labels = [0] * len(dets)
+            picture = draw(image, boxes, labels, [d["score"] for d in dets], [name])
+            panels.append(picture.permute(1, 2, 0).numpy())
+        gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+        Image.fromarray(np.concatenate([panels[0], gap, panels[1]], 1)).save(
+            out_dir / f"crowd_{image_id}_o2f_vs_o2m_nms.png")
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["AP", "AP50", "AP75", "AR100"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        ax.bar(np.arange(len(keys)) + i * width, [row[k] for k in keys], width,
+               label=row["variant"])
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
+    ax.set_ylim(0, 1)
+    ax.set_title("crowd digits, val")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--data", default="data/digits_crowd")
+    parser.add_argument("--classes", type=int, choices=[1, 10], default=1,
+                        help="1: every digit is 'digit' (default); 10: the digit classes")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="multiplies the digits preset's epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(f"{args.data}_{args.classes}class")
+    if not (data / "annotations" / "val.json").exists():
+        make_digits(data, variant="crowd", seed=args.seed, single_class=args.classes == 1)
+    runs: dict[str, list[dict]] = {}
+    rows = []
+    timings = {}
+    for mode in ("o2f", "o2o", "o2m"):
+        cfg = load_config("digits", [f"model.assign={mode}", f"model.num_classes={args.classes}",
+                                     f"train.seed={args.seed}"])
+        cfg.train.epochs = max(1, round(cfg.train.epochs * args.budget))
+        cfg.train.eval_every = 0
+        cfg.data.train = SplitConfig(str(data / "annotations/train.json"), str(data / "train"))
+        cfg.data.val = SplitConfig(str(data / "annotations/val.json"), str(data / "val"))
+        work = out / f"{mode}_x{args.budget:g}"
+        start = time.perf_counter()
+        if not (work / "last.pt").exists() or load_checkpoint_epochs(work) < cfg.train.epochs:
+            train(cfg, work, resume=(work / "last.pt").exists())
+        timings[mode] = time.perf_counter() - start
+        val_set = build_dataset(cfg, "val")
+        for name, m, nms in VARIANTS:
+            if m != mode:
+                continue
+            model, _, _ = model_from_checkpoint(work / "last.pt")
+            model.cfg.nms = nms
+            with torch.inference_mode():
+                results = predict(model, val_set, cfg, torch.device("cpu"), desc=name)
+            runs[name] = results
+            metrics = coco_evaluate(val_set.coco, results)
+            rows.append({"variant": name, **{k: metrics[k] for k in
+                                             ("AP", "AP50", "AP75", "AR100")},
+                         "duplicates_per_image": duplicate_rate(results, val_set.coco)})
+            print(rows[-1])
+    side_by_side(out, val_set, runs)
+    bar_chart(rows, out / "ap.png")
+    table = ["| variant | AP | AP50 | AP75 | AR100 | duplicates / image |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {r['variant']} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
+              f"{r['AR100']:.3f} | {r['duplicates_per_image']:.3f} |" for r in rows]
+    (out / "results.md").write_text("\n".join(table) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"budget": args.budget, "classes": args.classes, "epochs": cfg.train.epochs,
+         "train_seconds": timings, "rows": rows}, indent=1))
+    print("\n".join(table))
+
+
+def load_checkpoint_epochs(work: Path) -> int:
+    from o2f.engine import load_checkpoint
+
+    return int(load_checkpoint(work / "last.pt")["state"]["epoch"])
+
+
+if __name__ == "__main__":
+    main()
