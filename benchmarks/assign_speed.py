@@ -5,7 +5,10 @@ IoU and quality as whole tensors, then a Python loop over ground-truth boxes for
 top-k picks and another for the soft labels. Both run on one 800 x 1333 image (P3-P7,
 80 classes) at 10 / 50 / 200 ground-truth boxes, and must give the same positives.
 
-    python benchmarks/assign_speed.py [--repeats 5] [--device cpu]
+    python benchmarks/assign_speed.py [--repeats 5] [--device cpu] [--step]
+
+With ``--step`` it also times one R-50 training step (800 x 1333, batch 2, 50 boxes per
+image) and reports the share of it spent in the assignment.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--step", action="store_true",
+                        help="also time the assignment inside an R-50 training step")
     args = parser.parse_args()
     kw = dict(num_classes=80, t=0.4)
     print(f"{'gts':>5} {'vectorised ms':>14} {'per-gt loop ms':>15} {'speed-up':>9}")
@@ -99,6 +104,46 @@ def main() -> None:
         t_slow = timeit(lambda c=case: one_to_few_per_gt_loop(*c, **kw), args.repeats)
         print(f"{num_gts:>5} {t_fast * 1e3:>14.1f} {t_slow * 1e3:>15.1f} "
               f"{t_slow / t_fast:>8.1f}x")
+    if args.step:
+        step_share(args.device)
+
+
+def step_share(device: str, repeats: int = 2) -> None:
+    """Seconds of one R-50 training step, and of the assignment inside it."""
+    import o2f
+
+    model = o2f.build_model("r50_1x", backbone_weights=None, min_size=800,
+                            max_size=1333).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 800, 1333, generator=g).to(device) for _ in range(2)]
+    targets = []
+    for _ in images:
+        xy = torch.rand(50, 2, generator=g) * torch.tensor([1100.0, 600.0])
+        boxes = torch.cat([xy, xy + 16 + torch.rand(50, 2, generator=g) * 200], 1)
+        targets.append({"boxes": boxes.to(device),
+                        "labels": torch.randint(0, 80, (50,), generator=g).to(device)})
+    spent = []
+    original = model.assign
+
+    def timed_assign(*a, **kw):
+        start = time.perf_counter()
+        result = original(*a, **kw)
+        spent.append(time.perf_counter() - start)
+        return result
+
+    model.assign = timed_assign
+
+    def step():
+        losses = model(images, targets, t=0.4)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    t_step = timeit(step, repeats)
+    t_assign = statistics.median(spent[1:])
+    print(f"R-50 training step 800x1333, batch 2, 50 gts/image: {t_step:.2f} s; "
+          f"assignment {t_assign * 1e3:.1f} ms = {100 * t_assign / t_step:.2f}% of the step")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,16 @@ class ModelConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisible: int = 32
-    # instance segmentation (CondInst)
+    # instance segmentation (CondInst + O2F, o2f-spec section 7; used when task="instance")
     task: str = "detection"  # detection | instance
+    mask_channels: int = 128  # width of the mask branch's convs
+    mask_convs: int = 4  # 3x3 conv-BN-ReLU layers of the mask branch after the fusion
+    mask_in_levels: int = 3  # FPN levels fused into the P3 mask branch (the release: P3-P5)
+    mask_bases: int = 8  # channels of the mask features the dynamic head reads
+    dynamic_channels: int = 8  # width of the 3 dynamic 1x1 convs (8: 169 parameters per point)
+    mask_weight: float = 2.0  # Dice loss weight
+    mask_max_pos: int = 0  # most positives per image in the mask loss (0: all of them)
+    mask_thresh: float = 0.5  # probability above which an output pixel is in the mask
 
     @property
     def use_nms(self) -> bool:
@@ -209,14 +217,16 @@ def digits() -> Config:
     t = cfg.train
     t.optimizer, t.lr, t.base_batch_size, t.batch_size = "adamw", 2e-3, 8, 8
     t.weight_decay, t.warmup_iters, t.warmup_ratio = 0.05, 100, 0.01
-    t.schedule, t.epochs, t.steps, t.eval_every = "cosine", 12, [], 12
+    t.schedule, t.epochs, t.steps, t.eval_every = "cosine", 8, [], 2
     t.eval_batch_size, t.log_every = 8, 10
     return cfg
 
 
 def digits_instance() -> Config:
+    """The CPU demo with masks (CondInst): the digits preset plus a thin mask branch."""
     cfg = digits()
     cfg.name, cfg.model.task, cfg.model.reg_weight = "digits_instance", "instance", 1.0
+    cfg.model.mask_channels = 64
     return cfg
 
 

@@ -121,7 +121,7 @@ def epoch_batches(sizes: list[tuple[int, int]], batch_size: int, seed: int, epoc
     see exactly the samples one process would, and a resumed run can skip the batches done.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    area = torch.tensor([h * w for h, w in sizes], dtype=torch.float64)
+    area = torch.tensor([h * w + h / 65536 for h, w in sizes], dtype=torch.float64)  # then h
     flags = torch.tensor([w >= h for h, w in sizes], dtype=torch.bool)
     batches = []
     for group in (torch.nonzero(flags).squeeze(1), torch.nonzero(~flags).squeeze(1)):

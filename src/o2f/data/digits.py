@@ -59,6 +59,7 @@ from tqdm import tqdm
 INK_THRESHOLD = 0.25  # visible alpha above which a pixel counts as a digit's ink
 MIN_VISIBLE = 0.6  # fraction of a digit's ink that must stay visible to keep its annotation
 CANVAS_SIDE = (256, 384)  # inclusive range of image width and height, pixels
+CANVAS_STEP = 32  # sides are multiples of this, so batches of like images need no padding
 CROWD_OFFSET = (0.2, 0.55)  # crowd: shift from a neighbour, in units of its box width/height
 CROWD_NEW_CLUSTER = 0.15  # crowd: chance that a digit starts a new cluster
 CROWD_MAX_TOUCHING = 2  # crowd: most digits a new one may overlap
@@ -348,7 +349,8 @@ def _render_image(
     rng: np.random.Generator, variant: str, pool: np.ndarray
 ) -> tuple[np.ndarray, list[_Digit]]:
     """One image: (H, W, 3) uint8 and its pasted digits, back to front, occlusion applied."""
-    width, height = (int(v) for v in rng.integers(CANVAS_SIDE[0], CANVAS_SIDE[1] + 1, size=2))
+    lo, hi = (side // CANVAS_STEP for side in CANVAS_SIDE)
+    width, height = (int(v) * CANVAS_STEP for v in rng.integers(lo, hi + 1, size=2))
     canvas, dark = _background(rng, width, height)
     place = _place_sparse if variant == "sparse" else _place_crowd
     digits = place(rng, pool, width, height)

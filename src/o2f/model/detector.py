@@ -114,16 +114,26 @@ class O2F(nn.Module):
             batch = images
             if image_sizes is None:
                 image_sizes = [tuple(batch.shape[-2:])] * batch.shape[0]
+            input_sizes = list(image_sizes)
         else:
-            batch, image_sizes, factor, targets = self.preprocess(list(images), targets)
+            images = list(images)
+            input_sizes = [tuple(img.shape[-2:]) for img in images]
+            batch, image_sizes, factor, targets = self.preprocess(images, targets)
         out = self.forward_dense(batch)
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
             return self.losses(out, targets, self.cfg.t_end if t is None else t)
+        return self.inference(out, image_sizes, factor, input_sizes)
+
+    def inference(self, out: HeadOutputs, image_sizes: list[tuple[int, int]],
+                  factor: Tensor | None, input_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Detections of a batch: ``postprocess``, padding dropped, boxes mapped back by
+        ``factor`` (B, 2) when the model resized the inputs (``input_sizes`` are their
+        (H, W), for outputs that need them)."""
         boxes, scores, labels = self.postprocess(out, image_sizes)
         results = []
-        for i in range(batch.shape[0]):
+        for i in range(boxes.shape[0]):
             keep = scores[i] > self.cfg.score_thresh
             b = boxes[i][keep]
             if factor is not None:
@@ -156,10 +166,14 @@ class O2F(nn.Module):
 
     def losses(self, out: HeadOutputs, targets: list[dict], t: float) -> dict[str, Tensor]:
         """loss_cls (soft focal / focal), loss_box (GIoU x reg_weight), and for o2m loss_obj."""
+        if self.cfg.assign not in ("o2f", "o2o", "o2m"):
+            raise ValueError(f"model.assign must be o2f, o2o or o2m, got '{self.cfg.assign}'")
+        return self.detection_losses(out, targets, self.assign(out, targets, t))
+
+    def detection_losses(self, out: HeadOutputs, targets: list[dict],
+                         assignments: list[Assignment]) -> dict[str, Tensor]:
+        """The losses of :meth:`losses` from given assignments (one per image)."""
         cfg = self.cfg
-        if cfg.assign not in ("o2f", "o2o", "o2m"):
-            raise ValueError(f"model.assign must be o2f, o2o or o2m, got '{cfg.assign}'")
-        assignments = self.assign(out, targets, t)
         num_images = len(targets)
         labels = torch.cat([a.labels for a in assignments])
         box_targets = torch.cat([a.box_targets for a in assignments])
@@ -211,15 +225,17 @@ class O2F(nn.Module):
         return torch.cat(masks)
 
     # ------------------------------------------------------------------ inference
-    def postprocess(self, out: HeadOutputs, image_sizes: list[tuple[int, int]] | Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+    def postprocess(self, out: HeadOutputs, image_sizes: list[tuple[int, int]] | Tensor,
+                    *, return_index: bool = False) -> tuple[Tensor, ...]:
         """NMS-free top-k (o2f-spec section 4), batched and of fixed shape.
 
         Per level the ``pre_topk`` best (point, class) pairs by p = sigmoid(cls) *
         sigmoid(obj); their boxes decoded and clipped to the unpadded image; over all levels
         the ``topk`` best. Returns boxes (B, K, 4) in the batch's pixels, scores (B, K),
         labels (B, K); entries with score <= ``score_thresh`` are padding for the caller to
-        drop. With ``cfg.use_nms`` a class-wise NMS runs before the final top-k.
+        drop. With ``cfg.use_nms`` a class-wise NMS runs before the final top-k. With
+        ``return_index`` also the point (B, K) int64 of each detection, an index into the N
+        points (what the instance model reads its mask parameters from).
         """
         cfg = self.cfg
         scores = torch.sigmoid(out.cls_logits) * torch.sigmoid(out.obj_logits)[..., None]
@@ -227,7 +243,7 @@ class O2F(nn.Module):
         sizes = torch.as_tensor(image_sizes, device=scores.device, dtype=torch.float32)
         limit = sizes.flip(-1).repeat(1, 2)[:, None, :]  # (B, 1, 4) as w, h, w, h
 
-        all_scores, all_boxes, all_labels = [], [], []
+        all_scores, all_boxes, all_labels, all_points = [], [], [], []
         start = 0
         for n in out.level_sizes:
             level = scores[:, start:start + n].reshape(num_images, -1)
@@ -238,28 +254,34 @@ class O2F(nn.Module):
             all_boxes.append(torch.minimum(boxes.clamp(min=0), limit))
             all_scores.append(top_scores)
             all_labels.append(index % num_classes)
+            all_points.append(point)
             start += n
-        scores, boxes, labels = (torch.cat(all_scores, 1), torch.cat(all_boxes, 1),
-                                 torch.cat(all_labels, 1))
+        scores, boxes, labels, points = (torch.cat(all_scores, 1), torch.cat(all_boxes, 1),
+                                         torch.cat(all_labels, 1), torch.cat(all_points, 1))
         if cfg.use_nms:
-            return self._nms(boxes, scores, labels)
+            result = self._nms(boxes, scores, labels, points)
+            return result if return_index else result[:3]
         k = torch.sym_min(cfg.topk, scores.shape[1])
         scores, order = scores.topk(k, dim=1)
         boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+        if return_index:
+            return boxes, scores, labels.gather(1, order), points.gather(1, order)
         return boxes, scores, labels.gather(1, order)
 
-    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor, points: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Class-wise NMS then top-k, for the o2m baseline and ablations only."""
         k = self.cfg.topk
         out_b = boxes.new_zeros(boxes.shape[0], k, 4)
         out_s, out_l = scores.new_zeros(scores.shape[0], k), labels.new_zeros(labels.shape[0], k)
+        out_p = points.new_zeros(points.shape[0], k)
         for i in range(boxes.shape[0]):
             ok = scores[i] > self.cfg.score_thresh
-            b, s, lab = boxes[i][ok], scores[i][ok], labels[i][ok]
+            b, s, lab, p = boxes[i][ok], scores[i][ok], labels[i][ok], points[i][ok]
             keep = batched_nms(b, s, lab, self.cfg.nms_iou)[:k]
             out_b[i, : keep.numel()], out_s[i, : keep.numel()] = b[keep], s[keep]
-            out_l[i, : keep.numel()] = lab[keep]
-        return out_b, out_s, out_l
+            out_l[i, : keep.numel()], out_p[i, : keep.numel()] = lab[keep], p[keep]
+        return out_b, out_s, out_l, out_p
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -321,8 +343,21 @@ def _scale_target(target: dict, factor: Tensor) -> dict:
     return target
 
 
+def create_model(cfg: ModelConfig) -> O2F:
+    """The model a ModelConfig describes: :class:`O2F` for ``task="detection"``, its
+    CondInst subclass :class:`o2f.model.condinst.CondInst` for ``task="instance"``."""
+    if cfg.task == "detection":
+        return O2F(cfg)
+    if cfg.task == "instance":
+        from o2f.model.condinst import CondInst
+
+        return CondInst(cfg)
+    raise ValueError(f"model.task must be detection or instance, got '{cfg.task}'")
+
+
 def build_model(config: str | ModelConfig | object = "r50_1x", **overrides) -> O2F:
-    """Build an O2F model from a preset name, a ModelConfig or a full Config.
+    """Build an O2F model (or, for ``task="instance"``, the CondInst variant) from a preset
+    name, a ModelConfig or a full Config.
 
     Keyword overrides set ModelConfig fields, e.g. ``build_model("r50_1x", num_classes=80)``.
     """
@@ -337,4 +372,4 @@ def build_model(config: str | ModelConfig | object = "r50_1x", **overrides) -> O
     else:
         raise TypeError(f"cannot build a model from {type(config).__name__}")
     cfg = ModelConfig(**{**cfg.__dict__, **overrides})
-    return O2F(cfg)
+    return create_model(cfg)
