@@ -144,3 +144,25 @@ def test_training_on_one_image_finds_every_box():
     same_class = det["labels"][: g + 2, None] == target["labels"][None]
     found = ((iou >= 0.5) & same_class).any(0)
     assert found.all(), f"recall {found.float().mean():.2f}"
+
+
+def test_two_stage_top_k_equals_top_k_over_all_pairs():
+    model = o2f.O2F(tiny_config(pre_topk=50, topk=30, num_classes=7))
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 10), (6, 5), (3, 3)]
+    points, strides = make_points(shapes, [8, 16, 32], torch.device("cpu"))
+    n = points.shape[0]
+    out = HeadOutputs(torch.randn(2, n, 7, generator=g) * 3,
+                      torch.rand(2, n, 4, generator=g) * 20, torch.randn(2, n, generator=g),
+                      points, strides, shapes)
+    boxes, scores, labels = model.postprocess(out, [(96, 80), (90, 70)])
+    # brute force: every (point, class) pair of each level, then the best overall
+    p = torch.sigmoid(out.cls_logits) * torch.sigmoid(out.obj_logits)[..., None]
+    start, expected = 0, []
+    for h, w in shapes:
+        level = p[:, start:start + h * w].reshape(2, -1)
+        expected.append(level.topk(min(50, level.shape[1]), dim=1).values)
+        start += h * w
+    expected = torch.cat(expected, 1).topk(30, dim=1).values
+    torch.testing.assert_close(scores, expected)
+    assert labels.max() < 7 and (boxes[..., 2:] >= boxes[..., :2]).all()
