@@ -81,7 +81,7 @@ def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int
             boxes = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]]
                                   for b in (d["bbox"] for d in dets)]).reshape(-1, 4)
             labels = [0] * len(dets)
-            picture = draw(image, boxes, labels, [d["score"] for d in dets], [name])
+            picture = draw(image, boxes, labels, [d["score"] for d in dets], [""])
             panels.append(picture.permute(1, 2, 0).numpy())
         gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
         Image.fromarray(np.concatenate([panels[0], gap, panels[1]], 1)).save(
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0,
                         help="multiplies the digits preset's epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", default=["o2f", "o2o", "o2m"],
+                        choices=["o2f", "o2o", "o2m"], help="assignments to train")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -128,7 +130,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     rows = []
     timings = {}
-    for mode in ("o2f", "o2o", "o2m"):
+    for mode in args.modes:
         cfg = load_config("digits", [f"model.assign={mode}", f"model.num_classes={args.classes}",
                                      f"train.seed={args.seed}"])
         cfg.train.epochs = max(1, round(cfg.train.epochs * args.budget))
@@ -154,7 +156,8 @@ def main() -> None:
                                              ("AP", "AP50", "AP75", "AR100")},
                          "duplicates_per_image": duplicate_rate(results, val_set.coco)})
             print(rows[-1])
-    side_by_side(out, val_set, runs)
+    if {"o2f", "o2m + NMS"} <= set(runs):
+        side_by_side(out, val_set, runs)
     bar_chart(rows, out / "ap.png")
     table = ["| variant | AP | AP50 | AP75 | AR100 | duplicates / image |",
              "|---|---|---|---|---|---|"]

@@ -166,3 +166,12 @@ def test_two_stage_top_k_equals_top_k_over_all_pairs():
     expected = torch.cat(expected, 1).topk(30, dim=1).values
     torch.testing.assert_close(scores, expected)
     assert labels.max() < 7 and (boxes[..., 2:] >= boxes[..., :2]).all()
+
+
+def test_swin_t_backbone_gives_strides_8_to_128():
+    pytest.importorskip("timm")
+    model = o2f.build_model("swin_1x", num_classes=5).eval()
+    assert model.backbone.out_channels == [192, 384, 768]
+    with torch.no_grad():
+        out = model.forward_dense(torch.randn(1, 3, 224, 352))
+    assert out.level_shapes == [(28, 44), (14, 22), (7, 11), (4, 6), (2, 3)]

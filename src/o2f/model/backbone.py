@@ -123,8 +123,7 @@ class SwinBackbone(nn.Module):
             raise ImportError("the Swin backbone needs timm: pip install 'o2f[swin]'") from e
         self.body = timm.create_model(
             "swin_tiny_patch4_window7_224", pretrained=False, features_only=True,
-            out_indices=(1, 2, 3), drop_path_rate=drop_path_rate, strict_img_size=False,
-            dynamic_img_pad=True)
+            out_indices=(1, 2, 3), drop_path_rate=drop_path_rate, strict_img_size=False)
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             self.body.load_state_dict(state.get("model", state), strict=False)
