@@ -28,7 +28,7 @@ from o2f import distributed as du
 from o2f.assign import soft_label_ceiling
 from o2f.config import Config, config_from_dict, save_config
 from o2f.data import build_dataset, collate_eval, collate_train
-from o2f.model.detector import O2F
+from o2f.model.detector import O2F, create_model
 
 log = logging.getLogger("o2f")
 
@@ -232,7 +232,7 @@ def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
             raise CheckpointError(f"{path}: has no config; pass --config")
         cfg = config_from_dict(ckpt["config"])
     cfg.model.backbone_weights = None  # the checkpoint holds the weights
-    model = O2F(cfg.model)
+    model = create_model(cfg.model)
     load_weights(model, ckpt["model"], str(path))
     return model.to(device).eval(), cfg, ckpt
 
@@ -340,7 +340,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
 
     train_set = build_dataset(cfg, "train")
     val_set = build_dataset(cfg, "val") if cfg.train.eval_every > 0 else None
-    model = O2F(cfg.model).to(device)
+    model = create_model(cfg.model).to(device)
     if cfg.train.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
@@ -468,7 +468,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
 def predict(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
             desc: str = "eval") -> list[dict[str, Any]]:
     """Detections of this process's share of ``dataset`` in the COCO results format
-    (``image_id``, ``category_id``, ``bbox`` as x, y, w, h in original pixels, ``score``)."""
+    (``image_id``, ``category_id``, ``bbox`` as x, y, w, h in original pixels, ``score``;
+    for the instance model also ``segmentation``, the mask as COCO RLE with str counts)."""
     was_training = model.training
     model.eval()
     indices = list(range(du.rank(), len(dataset), du.world_size()))  # type: ignore[arg-type]
@@ -483,13 +484,30 @@ def predict(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
         for det, tgt in zip(detections, targets, strict=True):
             boxes = det["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(boxes.tolist(), det["scores"].float().tolist(),
-                                         det["labels"].tolist(), strict=True):
+            rles = encode_masks(det["masks"]) if "masks" in det else None
+            for j, (box, score, label) in enumerate(zip(
+                    boxes.tolist(), det["scores"].float().tolist(), det["labels"].tolist(),
+                    strict=True)):
                 results.append({"image_id": int(tgt["image_id"]),
                                 "category_id": int(dataset.label_to_cat_id(label)),
                                 "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
+                if rles is not None:
+                    results[-1]["segmentation"] = rles[j]
     model.train(was_training)
     return results
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Binary masks (K, H, W) as COCO RLE dicts ``{"size": [H, W], "counts": str}``."""
+    from pycocotools import mask as mask_utils
+
+    if masks.shape[0] == 0:
+        return []
+    array = np.asfortranarray(masks.to("cpu", torch.uint8).permute(1, 2, 0).numpy())
+    rles = mask_utils.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 def evaluate(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
@@ -505,7 +523,8 @@ def evaluate(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
     metrics: dict[str, float] = {}
     if du.is_main():
         metrics = evaluate_detections(dataset, results, results_out=results_out,
-                                      per_class=per_class)
+                                      per_class=per_class,
+                                      segm=cfg.model.task == "instance")
         log.info("evaluation (%d images, %.1fs): %s", len(dataset),  # type: ignore[arg-type]
                  time.perf_counter() - start,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

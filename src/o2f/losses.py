@@ -81,3 +81,16 @@ def focal_loss(cls_logits: Tensor, labels: Tensor, valid: Tensor | None = None) 
     if valid is not None:
         loss = loss * valid.reshape(-1, 1)
     return loss.sum()
+
+
+def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
+    """Dice loss of each mask, as CondInst: 1 - 2 * sum(p * g) / (sum(p^2) + sum(g^2) + eps).
+
+    probs (P, ...) predicted probabilities in [0, 1]; targets (P, ...) the same shape, in
+    [0, 1] (binary, or area fractions). Sums run over all but the first dimension. Returns
+    (P,) float32; 0 for a perfect mask, 1 when they do not overlap (eps keeps an empty
+    prediction of an empty target finite: 1).
+    """
+    p = probs.float().flatten(1)
+    g = targets.float().flatten(1)
+    return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)

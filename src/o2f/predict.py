@@ -8,24 +8,27 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
 from o2f.data.coco import load_image
-from o2f.engine import model_from_checkpoint
+from o2f.engine import encode_masks, model_from_checkpoint
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3"]
 
 
 def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: list[float],
-         class_names: list[str]) -> torch.Tensor:
-    """uint8 3 x H x W picture with one coloured, captioned box per detection."""
+         class_names: list[str], masks: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 3 x H x W picture with one coloured, captioned box per detection, and its mask
+    (K x H x W bool, optional) filled half-transparent in the same colour."""
     captions = [f"{class_names[c] if c < len(class_names) else c} {s:.2f}"
                 for c, s in zip(labels, scores, strict=True)]
     colors = [PALETTE[c % len(PALETTE)] for c in labels]
     if not captions:
         return image
+    if masks is not None:
+        image = draw_segmentation_masks(image, masks.bool(), alpha=0.5, colors=colors)
     width = max(1, round(max(image.shape[-2:]) / 300))
     return draw_bounding_boxes(image, boxes, captions, colors=colors, width=width)
 
@@ -34,8 +37,9 @@ def predict_images(paths: list[Path], out_dir: str | Path, *,
                    checkpoint: str | Path | None = None, onnx: str | Path | None = None,
                    score_thresh: float = 0.3, device: str | None = None) -> list[dict[str, Any]]:
     """Run a checkpoint's model (or an exported ONNX graph through onnxruntime, with the
-    same pre-processing) on each image; write ``out_dir/<name>.png`` with the boxes drawn
-    and ``out_dir/detections.json`` (boxes x1y1x2y2 in the file's pixels)."""
+    same pre-processing) on each image; write ``out_dir/<name>.png`` with the boxes (and,
+    for an instance model, the masks) drawn and ``out_dir/detections.json`` (boxes x1y1x2y2
+    in the file's pixels; masks as COCO RLE ``segmentation`` with str counts)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if onnx is not None:
         from o2f.export import OnnxDetector
@@ -65,11 +69,15 @@ def predict_images(paths: list[Path], out_dir: str | Path, *,
         keep = det["scores"] >= score_thresh
         boxes, scores = det["boxes"][keep].cpu(), det["scores"][keep].cpu().tolist()
         labels = det["labels"][keep].cpu().tolist()
-        picture = draw(image, boxes, labels, scores, class_names)
+        masks = det["masks"][keep].cpu() if "masks" in det else None
+        picture = draw(image, boxes, labels, scores, class_names, masks)
         Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_dir / f"{path.stem}.png")
-        records.append({"file": str(path), "detections": [
-            {"box": [round(v, 2) for v in b], "score": round(s, 4), "label": int(c),
-             "class": class_names[c] if c < len(class_names) else str(c)}
-            for b, s, c in zip(boxes.tolist(), scores, labels, strict=True)]})
+        found = [{"box": [round(v, 2) for v in b], "score": round(s, 4), "label": int(c),
+                  "class": class_names[c] if c < len(class_names) else str(c)}
+                 for b, s, c in zip(boxes.tolist(), scores, labels, strict=True)]
+        if masks is not None:
+            for record, rle in zip(found, encode_masks(masks), strict=True):
+                record["segmentation"] = rle
+        records.append({"file": str(path), "detections": found})
     (out_dir / "detections.json").write_text(json.dumps(records, indent=1))
     return records

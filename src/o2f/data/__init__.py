@@ -45,7 +45,9 @@ def coco_annotation_file(cfg: Config, split: str) -> Path:
 
 def build_dataset(cfg: Config, split: str) -> CocoDetection:
     """The ``train`` split with the recipe's augmentation, or ``val`` for evaluation (no
-    resize: the model resizes inside)."""
+    resize: the model resizes inside). For ``model.task="instance"`` the train split also
+    decodes each box's mask (``target["masks"]``); evaluation reads the ground-truth masks
+    from the annotation file itself, so ``val`` does not."""
     part = getattr(cfg.data, split)
     if not part.ann_file:
         raise DatasetError(f"data.{split}.ann_file is not set")
@@ -55,7 +57,8 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
                   if train else build_transforms(False, min_size=None))
     dataset = CocoDetection(coco_annotation_file(cfg, split), part.img_dir, transforms,
                             train=train, ignore_mode=cfg.model.ignore_mode,
-                            check_images=cfg.data.check_images)
+                            check_images=cfg.data.check_images,
+                            with_masks=train and cfg.model.task == "instance")
     dataset.source_file = Path(part.ann_file)
     dataset.format = cfg.data.format
     return dataset

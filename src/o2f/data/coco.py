@@ -9,7 +9,10 @@ contiguous 0-based label, and serves ``(image, target)`` pairs:
 - target: ``boxes`` (``tv_tensors.BoundingBoxes`` G x 4, XYXY, float32, pixels),
   ``labels`` (G,) int64 in [0, num_classes), ``image_id`` (int), ``orig_size`` ((H, W) of the
   decoded image), ``ignore_boxes`` (``BoundingBoxes`` K x 4: the ``iscrowd`` regions with
-  ``ignore_mode="exclude"``, always 0 x 4 with the default ``"drop"``).
+  ``ignore_mode="exclude"``, always 0 x 4 with the default ``"drop"``); with
+  ``with_masks=True`` also ``masks`` (``tv_tensors.Mask`` G x H x W uint8, 1 inside), the
+  ``segmentation`` of each box's annotation (polygons or RLE, through pycocotools), in the
+  same order as ``boxes``.
 
 Crowd annotations are dropped by default, as in the authors' release (points inside them are
 plain negatives); ``ignore_mode="exclude"`` returns them so the loss can leave those points
@@ -304,6 +307,8 @@ class CocoDetection(torch.utils.data.Dataset):
             ``"exclude"`` returns them as ``target["ignore_boxes"]``.
         check_images: open and verify every image header when validating
             (see :func:`validate_coco`).
+        with_masks: also decode each box's ``segmentation`` into ``target["masks"]`` (for
+            instance segmentation); an annotation without one gets its filled box.
 
     Boxes are clipped to the image (the JSON ``width``/``height``, the displayed size, since
     annotations are drawn on the displayed image); boxes whose width or height is not
@@ -326,6 +331,7 @@ class CocoDetection(torch.utils.data.Dataset):
         train: bool,
         ignore_mode: str = "drop",
         check_images: bool = True,
+        with_masks: bool = False,
     ) -> None:
         if ignore_mode not in ("drop", "exclude"):
             raise ValueError(f"ignore_mode must be 'drop' or 'exclude', got {ignore_mode!r}")
@@ -334,6 +340,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.train = train
         self.ignore_mode = ignore_mode
+        self.with_masks = with_masks
 
         data = validate_coco(ann_file, img_dir, check_images=check_images)
         self.coco = _pycocotools_index(data)
@@ -374,6 +381,9 @@ class CocoDetection(torch.utils.data.Dataset):
         plain = valid & ~crowd
         self._boxes, self._labels, self._starts = _group(boxes, labels, owner, plain, n_img)
         self._ignore, _, self._ignore_starts = _group(boxes, labels, owner, valid & crowd, n_img)
+        if with_masks:  # the annotation row of each kept box, in _group's order
+            rows = np.flatnonzero(plain)
+            self._ann_rows = rows[np.argsort(owner[rows], kind="stable")]
 
         counts = np.diff(self._starts)
         keep = np.flatnonzero(counts > 0) if train else np.arange(n_img)
@@ -418,6 +428,9 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": (int(h), int(w)),
             "ignore_boxes": _as_boxes(ignore, (h, w)),
         }
+        if self.with_masks:
+            rows = self._ann_rows[self._starts[k]:self._starts[k + 1]]
+            target["masks"] = self._masks(rows, boxes, (h, w))
         if (h, w) != (info["height"], info["width"]):
             warnings.warn(
                 f"{info['file_name']}: decoded size {w}x{h} differs from the annotation's "
@@ -429,6 +442,25 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+    def _masks(self, rows: np.ndarray, boxes: np.ndarray, size: tuple[int, int]
+               ) -> tv_tensors.Mask:
+        """(G, h, w) uint8 masks of the annotations ``rows`` (their boxes as fallback),
+        cropped or zero-padded to the decoded image size (h, w)."""
+        h, w = size
+        anns = self.coco.dataset["annotations"]
+        out = np.zeros((len(rows), h, w), dtype=np.uint8)
+        for i, (row, box) in enumerate(zip(rows, boxes, strict=True)):
+            ann = anns[row]
+            if ann.get("segmentation"):
+                m = self.coco.annToMask(ann)
+                mh, mw = min(h, m.shape[0]), min(w, m.shape[1])
+                out[i, :mh, :mw] = m[:mh, :mw]
+            else:  # no segmentation: the filled (clipped) box
+                x1, y1 = (int(np.floor(v)) for v in box[:2])
+                x2, y2 = (int(np.ceil(v)) for v in box[2:])
+                out[i, y1:y2, x1:x2] = 1
+        return tv_tensors.Mask(torch.from_numpy(out))
 
     def __repr__(self) -> str:
         return (

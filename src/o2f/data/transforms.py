@@ -84,8 +84,9 @@ class KeepRatioResize(v2.Transform):
 
 
 class SanitizeBoxes(torch.nn.Module):
-    """``v2.SanitizeBoundingBoxes`` on ``target["boxes"]`` (with ``labels``) and, separately,
-    on ``target["ignore_boxes"]``.
+    """``v2.SanitizeBoundingBoxes`` on ``target["boxes"]`` (with ``labels`` and, when present,
+    the instance ``masks``, which follow their boxes) and, separately, on
+    ``target["ignore_boxes"]``.
 
     v2's transform computes its keep-mask from the *first* ``BoundingBoxes`` of a sample and
     applies it to every one, which is wrong for a second, unrelated box set; hence one call
@@ -100,9 +101,10 @@ class SanitizeBoxes(torch.nn.Module):
 
     def forward(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         target = dict(target)
-        kept = self.with_labels(
-            {"boxes": self.clamp(target["boxes"]), "labels": target["labels"]}
-        )
+        sample = {"boxes": self.clamp(target["boxes"]), "labels": target["labels"]}
+        if "masks" in target:
+            sample["masks"] = target["masks"]  # a tv_tensors.Mask: v2 filters it too
+        kept = self.with_labels(sample)
         target.update(kept)
         if "ignore_boxes" in target:
             target["ignore_boxes"] = self.alone(self.clamp(target["ignore_boxes"]))
@@ -126,7 +128,8 @@ def build_transforms(
         flip: random horizontal flip with probability 0.5 (training only).
 
     Input image: uint8 3 x H x W; output: float32 in [0, 1], 3 x H' x W', with boxes (and
-    ``ignore_boxes``) in the output's pixels.
+    ``ignore_boxes``) in the output's pixels; instance ``masks`` (``tv_tensors.Mask``
+    G x H x W) are resized (nearest) and flipped with the image and stay uint8.
     """
     steps: list[Any] = []
     if min_size is not None:
@@ -153,7 +156,9 @@ def collate(
         image_sizes: the unpadded (h, w) of each image.
         targets: dicts of plain tensors: ``boxes`` (G, 4) float32 x1y1x2y2 in the (resized)
             image's pixels, ``labels`` (G,) int64, ``ignore_boxes`` (K, 4) float32,
-            ``image_id`` int, ``orig_size`` (H, W) of the decoded file, ``size`` (h, w).
+            ``image_id`` int, ``orig_size`` (H, W) of the decoded file, ``size`` (h, w);
+            and ``masks`` (G, H, W) uint8 when the samples have them, zero-padded like the
+            images to the batch's H x W.
     """
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
@@ -170,6 +175,9 @@ def collate(
         images.append(nnf.pad(img, (0, width - w, 0, height - h), value=0.0))
         out = {k: _plain(v) for k, v in target.items()}
         out["size"] = (h, w)
+        if "masks" in out:
+            m = out["masks"]
+            out["masks"] = nnf.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2]))
         targets.append(out)
     return torch.stack(images), sizes, targets
 

@@ -1,11 +1,18 @@
-"""Metrics: COCO AP/AR (through faster-coco-eval) and the CrowdHuman benchmark's own."""
+"""Metrics: COCO AP/AR (through faster-coco-eval) and the CrowdHuman benchmark's own.
+
+For instance segmentation (results that carry a ``segmentation``) :func:`evaluate_detections`
+returns the twelve box numbers under their usual names (AP, AP50, ..., ARl) and the twelve
+mask numbers of ``COCOeval(iouType="segm")`` with a ``segm_`` prefix (segm_AP, segm_AP50,
+segm_AP75, segm_APs, segm_APm, segm_APl, segm_AR1, segm_AR10, segm_AR100, segm_ARs,
+segm_ARm, segm_ARl).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from o2f.evaluation.coco import coco_evaluate
+from o2f.evaluation.coco import _write_json, coco_evaluate
 
 __all__ = ["coco_evaluate", "crowdhuman_evaluate", "evaluate_detections"]
 
@@ -20,9 +27,12 @@ def crowdhuman_evaluate(gt_odgt: Any, dt_odgt: Any, **kwargs: Any) -> dict[str, 
 
 def evaluate_detections(dataset: Any, results: list[dict[str, Any]], *,
                         results_out: str | Path | None = None,
-                        per_class: bool = False) -> dict[str, float]:
+                        per_class: bool = False, segm: bool | None = None
+                        ) -> dict[str, float]:
     """Score COCO-format ``results`` on ``dataset`` with the metric of its format: the
-    twelve COCO numbers, or for CrowdHuman ``.odgt`` data the benchmark's four."""
+    twelve COCO numbers, or for CrowdHuman ``.odgt`` data the benchmark's four. With
+    ``segm`` (default: when any result carries a ``segmentation``) the twelve mask numbers
+    follow with a ``segm_`` prefix (see the module docstring)."""
     if getattr(dataset, "format", "coco") == "odgt":
         records: dict[str, list[dict[str, Any]]] = {}
         id_to_name = {int(img["id"]): Path(img["file_name"]).stem
@@ -38,5 +48,22 @@ def evaluate_detections(dataset: Any, results: list[dict[str, Any]], *,
 
             write_odgt(dt, results_out)
         return crowdhuman_evaluate(dataset.source_file, dt, image_sizes=sizes)
-    return coco_evaluate(dataset.coco, results, print_per_class=per_class,
-                         results_out=results_out)
+    if segm is None:
+        segm = any("segmentation" in r for r in results)
+    if not segm:
+        return coco_evaluate(dataset.coco, results, print_per_class=per_class,
+                             results_out=results_out)
+    if results_out is not None:
+        _write_json(results_out, results)
+    # Each evaluation sees only its own geometry: with a bbox in a segm result pycocotools
+    # would take the box's area for the small / medium / large ranges.
+    boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results if "segmentation" in r]
+    if per_class:
+        print("box AP per class:")
+    metrics = coco_evaluate(dataset.coco, boxes, print_per_class=per_class)
+    if per_class:
+        print("mask AP per class:")
+    mask_metrics = coco_evaluate(dataset.coco, masks, iou_type="segm",
+                                 print_per_class=per_class)
+    return {**metrics, **{f"segm_{k}": v for k, v in mask_metrics.items()}}
