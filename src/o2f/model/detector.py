@@ -193,13 +193,14 @@ class O2F(nn.Module):
             loss_cls = soft_focal_loss(cls_logits, obj_logits, labels, soft_labels, weights,
                                        valid) / num_pos
         losses = {"loss_cls": loss_cls}
-        if pos.numel() > 0:
-            ctr = centerness(box_targets[pos])
-            pred = decode(points[pos], ltrb[pos])
-            target = decode(points[pos], box_targets[pos])
-            losses["loss_box"] = cfg.reg_weight * weighted_giou_loss(pred, target, ctr)
-        else:  # still touch the graph so every parameter gets a (zero) gradient
-            losses["loss_box"] = ltrb.sum() * 0.0
+        # Computed even without positives: its normaliser is a collective that every
+        # process must join, whatever its own images hold.
+        ctr = centerness(box_targets[pos])
+        pred = decode(points[pos], ltrb[pos])
+        target = decode(points[pos], box_targets[pos])
+        losses["loss_box"] = cfg.reg_weight * weighted_giou_loss(pred, target, ctr)
+        if pos.numel() == 0:  # still touch the graph so every parameter gets a (zero) gradient
+            losses["loss_box"] = losses["loss_box"] + ltrb.sum() * 0.0
         if cfg.assign == "o2m":
             if pos.numel() > 0:
                 losses["loss_obj"] = F.binary_cross_entropy_with_logits(
