@@ -22,45 +22,59 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from o2f.config import SplitConfig, load_config
 from o2f.data import build_dataset
 from o2f.data.digits import make_digits
 from o2f.engine import model_from_checkpoint, predict, train
 from o2f.evaluation import coco_evaluate
+from o2f.evaluation.duplicates import duplicate_pairs, duplicate_rate
 
 VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("o2m + NMS", "o2m", True),
             ("o2m, no NMS", "o2m", False)]
 
 
-def duplicate_rate(results: list[dict], coco, score: float = 0.3, iou: float = 0.5) -> float:
-    """Mean number per image of confident detections that repeat a better one on the same
-    ground-truth object (see the module docstring)."""
-    by_image: dict[int, list[dict]] = {}
-    for r in results:
-        if r["score"] >= score:
-            by_image.setdefault(r["image_id"], []).append(r)
-    duplicates = 0
-    for image_id, dets in by_image.items():
-        dets.sort(key=lambda d: -d["score"])
-        gts = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        if not gts:
-            continue
-        xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
-        d_boxes = torch.tensor([xyxy(d["bbox"]) for d in dets])
-        g_boxes = torch.tensor([xyxy(a["bbox"]) for a in gts], dtype=torch.float32)
-        d_cls = torch.tensor([d["category_id"] for d in dets])
-        g_cls = torch.tensor([a["category_id"] for a in gts])
-        to_gt = box_iou(d_boxes, g_boxes) * (d_cls[:, None] == g_cls[None])
-        best, matched = to_gt.max(1)
-        matched = torch.where(best >= iou, matched, -1)
-        mutual = box_iou(d_boxes, d_boxes) >= iou
-        same = (matched[:, None] == matched[None]) & (matched[:, None] >= 0)
-        same_cls = d_cls[:, None] == d_cls[None]
-        higher = torch.ones(len(dets), len(dets), dtype=torch.bool).tril(-1)  # j < i
-        duplicates += int((mutual & same & same_cls & higher).any(1).sum())
-    return duplicates / max(len(coco.getImgIds()), 1)
+@torch.inference_mode()
+def duplicate_anatomy(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> dict:
+    """Where a model's duplicates come from, read off its dense outputs (one image per
+    batch): for each duplicate (``duplicate_pairs``), the FPN level and cell of its point
+    against those of the better detection it repeats, whether its point lies in the gt's
+    candidate region (where training could have picked it as a soft anchor), its score."""
+    model.eval()
+    counts = {"same_level_adjacent": 0, "same_level_farther": 0, "other_level": 0,
+              "in_candidate_region": 0, "total": 0}
+    dup_scores, best_scores = [], []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        batch, sizes, factor, _ = model.preprocess([image])
+        out = model.forward_dense(batch)
+        boxes, scores, labels, points = (x[0] for x in model.postprocess(
+            out, sizes, return_index=True))
+        gt_boxes = target["boxes"].reshape(-1, 4) * factor[0].repeat(2)  # batch pixels
+        starts = torch.tensor([0] + out.level_sizes).cumsum(0)
+        for i, j, g in duplicate_pairs(boxes, scores, labels, gt_boxes, target["labels"],
+                                       score=score, iou=iou):
+            pi, pj = int(points[i]), int(points[j])
+            li, lj = (int(torch.searchsorted(starts, p, right=True)) - 1 for p in (pi, pj))
+            counts["total"] += 1
+            if li != lj:
+                counts["other_level"] += 1
+            else:
+                width = out.level_shapes[li][1]
+                yi, xi = divmod(pi - int(starts[li]), width)
+                yj, xj = divmod(pj - int(starts[li]), width)
+                near = max(abs(yi - yj), abs(xi - xj)) <= 1
+                counts["same_level_adjacent" if near else "same_level_farther"] += 1
+            gt, half = gt_boxes[g], model.cfg.radius * float(out.strides[pi])
+            centre, ctr = out.points[pi], (gt[:2] + gt[2:]) / 2
+            lo, hi = torch.maximum(gt[:2], ctr - half), torch.minimum(gt[2:], ctr + half)
+            counts["in_candidate_region"] += bool(((centre > lo) & (centre < hi)).all())
+            dup_scores.append(float(scores[i]))
+            best_scores.append(float(scores[j]))
+    total = max(counts["total"], 1)
+    return {**{k: v / total if k != "total" else v for k, v in counts.items()},
+            "median_score": float(np.median(dup_scores)) if dup_scores else 0.0,
+            "median_score_of_repeated": float(np.median(best_scores)) if best_scores else 0.0}
 
 
 def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int = 4) -> None:
@@ -154,7 +168,8 @@ def main() -> None:
             metrics = coco_evaluate(val_set.coco, results)
             rows.append({"variant": name, **{k: metrics[k] for k in
                                              ("AP", "AP50", "AP75", "AR100")},
-                         "duplicates_per_image": duplicate_rate(results, val_set.coco)})
+                         "duplicates_per_image": duplicate_rate(val_set.coco, results),
+                         "anatomy": duplicate_anatomy(model, val_set)})
             print(rows[-1])
     if {"o2f", "o2m + NMS"} <= set(runs):
         side_by_side(out, val_set, runs)
@@ -163,6 +178,15 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     table += [f"| {r['variant']} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
               f"{r['AR100']:.3f} | {r['duplicates_per_image']:.3f} |" for r in rows]
+    table += ["", "Where the duplicates come from (shares of each variant's duplicates):", "",
+              "| variant | duplicates | same level, adjacent cell | same level, farther | "
+              "other level | in the candidate region | median score (of the one repeated) |",
+              "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['variant']} | {a['total']} | {a['same_level_adjacent']:.2f} | "
+              f"{a['same_level_farther']:.2f} | {a['other_level']:.2f} | "
+              f"{a['in_candidate_region']:.2f} | {a['median_score']:.2f} "
+              f"({a['median_score_of_repeated']:.2f}) |"
+              for r in rows for a in [r["anatomy"]]]
     (out / "results.md").write_text("\n".join(table) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"budget": args.budget, "classes": args.classes, "epochs": cfg.train.epochs,

@@ -1,4 +1,5 @@
-"""Metrics: COCO AP/AR (through faster-coco-eval) and the CrowdHuman benchmark's own.
+"""Metrics: COCO AP/AR (through faster-coco-eval), the CrowdHuman benchmark's own, and the
+duplicate rate of end-to-end detectors (:mod:`o2f.evaluation.duplicates`).
 
 For instance segmentation (results that carry a ``segmentation``) :func:`evaluate_detections`
 returns the twelve box numbers under their usual names (AP, AP50, ..., ARl) and the twelve
@@ -13,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from o2f.evaluation.coco import _write_json, coco_evaluate
+from o2f.evaluation.duplicates import duplicate_rate
 
-__all__ = ["coco_evaluate", "crowdhuman_evaluate", "evaluate_detections"]
+__all__ = ["coco_evaluate", "crowdhuman_evaluate", "duplicate_rate", "evaluate_detections"]
 
 
 def crowdhuman_evaluate(gt_odgt: Any, dt_odgt: Any, **kwargs: Any) -> dict[str, float]:

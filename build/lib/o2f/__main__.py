@@ -1,0 +1,3 @@
+from o2f.cli import main
+
+raise SystemExit(main())

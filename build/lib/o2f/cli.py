@@ -1,0 +1,234 @@
+"""The ``o2f`` command line: ``o2f <command> --help`` for each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import o2f
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required,
+                   help="preset name (r50_1x, digits, ...) or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from o2f.config import load_config
+    from o2f.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    work_dir = args.work_dir or f"runs/{cfg.name}"
+    metrics = train(cfg, work_dir, resume=args.resume)
+    if metrics:
+        print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from o2f import distributed as du
+    from o2f.config import load_config
+    from o2f.data import build_dataset
+    from o2f.engine import evaluate, model_from_checkpoint, setup_logging
+
+    device = du.init_from_env()
+    setup_logging(None)
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    model, cfg, _ = model_from_checkpoint(args.checkpoint, cfg, device)
+    dataset = build_dataset(cfg, "val")
+    with torch.inference_mode():
+        metrics = evaluate(model, dataset, cfg, device, results_out=args.results_out,
+                           per_class=True)
+    if du.is_main():
+        print(json.dumps(metrics, indent=1))
+        if args.metrics_out:
+            Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.metrics_out).write_text(json.dumps(metrics, indent=1) + "\n")
+    du.shutdown()
+    return 0
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SystemExit(f"o2f predict: {p}: no such file or folder")
+    if not paths:
+        raise SystemExit("o2f predict: no images found in " + ", ".join(inputs))
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from o2f.predict import predict_images
+
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise SystemExit("o2f predict: give exactly one of --checkpoint and --onnx")
+    predict_images(_image_paths(args.inputs), args.out, checkpoint=args.checkpoint,
+                   onnx=args.onnx, score_thresh=args.score_thresh)
+    print(f"wrote {args.out}/detections.json and the pictures")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from o2f.data.digits import make_digits
+
+    paths = make_digits(args.out, variant=args.variant, seed=args.seed, num_train=args.train,
+                        num_val=args.val, fmt=args.format, single_class=args.single_class)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from o2f.engine import model_from_checkpoint
+    from o2f.export import export_onnx, onnx_ops
+
+    model, _, ckpt = model_from_checkpoint(args.checkpoint)
+    path = export_onnx(model, args.out, size=tuple(args.size), dynamic=args.dynamic,
+                       class_names=ckpt.get("class_names"))
+    print(f"wrote {path}: inputs images, sizes; outputs boxes, scores, labels; "
+          f"{len(onnx_ops(path))} operator types, none of them NMS")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from o2f.convert import convert_mmdet
+
+    report = convert_mmdet(args.mmdet, args.out, args.config)
+    print(f"wrote {args.out} ({report['num_classes']} classes)")
+    if report["replaced_globals"]:
+        print("pickled objects not loaded (inert stand-ins): "
+              + ", ".join(report["replaced_globals"]))
+    if report["unmatched_keys"]:
+        print(f"{len(report['unmatched_keys'])} keys of the file were not used: "
+              + ", ".join(report["unmatched_keys"][:10]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from o2f.bench import format_report, run_bench
+
+    report = run_bench(args.config, tuple(args.size), args.batch, args.repeats,
+                       onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from o2f.demo import run_demo
+
+    run_demo(args.out, data_dir=args.data, overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="o2f", description="One-to-Few label assignment for end-to-end dense detection.")
+    parser.add_argument("--version", action="version", version=f"o2f {o2f.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a config (also under torchrun)")
+    _add_config(p, required=True)
+    p.add_argument("--work-dir", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the val split")
+    _add_config(p, required=False)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--metrics-out", help="write the metrics JSON here")
+    p.add_argument("--results-out", help="write the detections (COCO results JSON) here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images; draw and save them")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
+    p.add_argument("--checkpoint", help="an o2f checkpoint (last.pt)")
+    p.add_argument("--onnx", help="run an exported graph (o2f export) with onnxruntime")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="draw and save detections above this score (default 0.3)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export an NMS-free ONNX graph")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1344], metavar=("H", "W"),
+                   help="padded input size, multiples of 32 (default 800 1344)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="free batch, height and width (what `o2f predict --onnx` needs "
+                        "for images of any size)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="convert a checkpoint of the authors' release")
+    p.add_argument("--mmdet", required=True, help="the release's .pth file")
+    p.add_argument("--out", required=True, help="the o2f checkpoint to write")
+    p.add_argument("--config", default="r50_1x",
+                   help="the preset it was trained with (default r50_1x)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="latency / throughput next to torchvision's FCOS")
+    from o2f.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="write a built-in dataset")
+    dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    d = dsub.add_parser("digits", help="handwritten digits pasted on textured canvases")
+    d.add_argument("--out", required=True)
+    d.add_argument("--variant", choices=["sparse", "crowd"], default="sparse")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--train", type=int, default=None, help="number of training images")
+    d.add_argument("--val", type=int, default=None, help="number of validation images")
+    d.add_argument("--format", choices=["coco", "odgt"], default="coco")
+    d.add_argument("--single-class", action="store_true",
+                   help="one category 'digit' instead of ten")
+    d.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("demo", help="the built-in CPU demo (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data", default="data/digits", help="where the dataset is generated")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a key of the digits preset")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from o2f.config import ConfigError
+    from o2f.data.coco import DatasetError
+    from o2f.engine import CheckpointError, NonFiniteLossError, OutOfMemoryHint
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
+            OutOfMemoryHint) as e:
+        print(f"o2f {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"o2f {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

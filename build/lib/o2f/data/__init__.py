@@ -1,0 +1,75 @@
+"""Datasets (COCO JSON, CrowdHuman odgt, the built-in digits) and their transforms."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from o2f.config import Config
+from o2f.data.coco import CocoDetection, DatasetError
+from o2f.data.transforms import build_transforms, collate
+
+__all__ = ["CocoDetection", "DatasetError", "build_dataset", "collate_eval", "collate_train"]
+
+
+def _train_sizes(cfg: Config) -> int | tuple[int, int] | None:
+    lo, hi = (list(cfg.data.min_size) * 2)[:2]
+    if lo <= 0:
+        return None  # native size (the digits demo)
+    return int(lo) if lo == hi else (int(lo), int(hi))
+
+
+def coco_annotation_file(cfg: Config, split: str) -> Path:
+    """The COCO JSON of a split; CrowdHuman ``.odgt`` files are converted once (cached)."""
+    part = getattr(cfg.data, split)
+    ann = Path(part.ann_file)
+    if cfg.data.format == "coco":
+        return ann
+    if cfg.data.format != "odgt":
+        raise ValueError(f"data.format must be coco or odgt, got '{cfg.data.format}'")
+    from o2f.data.crowdhuman import odgt_to_coco
+
+    if not ann.is_file():
+        raise DatasetError(f"{ann}: annotation file not found")
+    stat = ann.stat()
+    key = hashlib.sha1(f"{ann.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = Path(tempfile.gettempdir()) / f"o2f-odgt-{key.hexdigest()[:16]}.json"
+    if not out.exists():
+        odgt_to_coco(ann, part.img_dir, out)
+    return out
+
+
+def build_dataset(cfg: Config, split: str) -> CocoDetection:
+    """The ``train`` split with the recipe's augmentation, or ``val`` for evaluation (no
+    resize: the model resizes inside). For ``model.task="instance"`` the train split also
+    decodes each box's mask (``target["masks"]``); evaluation reads the ground-truth masks
+    from the annotation file itself, so ``val`` does not."""
+    part = getattr(cfg.data, split)
+    if not part.ann_file:
+        raise DatasetError(f"data.{split}.ann_file is not set")
+    train = split == "train"
+    transforms = (build_transforms(True, min_size=_train_sizes(cfg), max_size=cfg.data.max_size,
+                                   flip=cfg.data.flip)
+                  if train else build_transforms(False, min_size=None))
+    dataset = CocoDetection(coco_annotation_file(cfg, split), part.img_dir, transforms,
+                            train=train, ignore_mode=cfg.model.ignore_mode,
+                            check_images=cfg.data.check_images,
+                            with_masks=train and cfg.model.task == "instance")
+    dataset.source_file = Path(part.ann_file)
+    dataset.format = cfg.data.format
+    return dataset
+
+
+def collate_train(batch: list[tuple[Tensor, dict[str, Any]]]):
+    """(images B x 3 x H x W normalised and padded, sizes [(h, w)], targets)."""
+    return collate(batch, size_divisible=32)
+
+
+def collate_eval(batch: list[tuple[Tensor, dict[str, Any]]]):
+    """(list of 3 x H x W images in [0, 1], targets): the model resizes and pads itself."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)

@@ -1,0 +1,64 @@
+"""The duplicate rate: how often an end-to-end detector reports the same object twice.
+
+A duplicate is a detection scoring at least ``score`` whose best ground truth of its class
+(IoU at least ``iou``) is also the best ground truth of a higher-scored detection that
+overlaps it at IoU ``iou`` or more. NMS at that IoU would remove every one of them; AP
+barely notices low-scored ones, a user looking at a thresholded picture does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+__all__ = ["duplicate_pairs", "duplicate_rate"]
+
+
+def duplicate_pairs(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
+                    gt_labels: Tensor, *, score: float = 0.3, iou: float = 0.5
+                    ) -> list[tuple[int, int, int]]:
+    """The duplicates among one image's detections (boxes x1y1x2y2), as triples (i, j, g):
+    detection i is a duplicate of detection j, the best-scored of the higher-scored
+    detections on the same ground truth g that overlap i. Indices into the inputs."""
+    keep = torch.nonzero(scores >= score).squeeze(1)
+    keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    if keep.numel() == 0 or gt_boxes.numel() == 0:
+        return []
+    b, c = boxes[keep].float(), labels[keep].to(gt_labels.device)
+    to_gt = box_iou(b, gt_boxes.float().reshape(-1, 4)) * (c[:, None] == gt_labels[None])
+    best, matched = to_gt.max(1)
+    matched = torch.where(best >= iou, matched, -1)
+    higher = torch.ones(len(b), len(b), dtype=torch.bool, device=b.device).tril(-1)
+    repeats = ((box_iou(b, b) >= iou) & (matched[:, None] == matched[None])
+               & (matched[:, None] >= 0) & (c[:, None] == c[None]) & higher)
+    pairs = []
+    for i in torch.nonzero(repeats.any(1)).squeeze(1).tolist():
+        j = int(torch.nonzero(repeats[i])[0])
+        pairs.append((int(keep[i]), int(keep[j]), int(matched[i])))
+    return pairs
+
+
+def duplicate_rate(coco: Any, results: list[dict[str, Any]], *, score: float = 0.3,
+                   iou: float = 0.5) -> float:
+    """Mean number of duplicates per image of ``coco`` (a pycocotools-style COCO) among
+    COCO-format ``results`` (bbox as x, y, w, h). Crowd boxes are not ground truth here."""
+    def xyxy(box: list[float]) -> list[float]:
+        return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    total = 0
+    for image_id, dets in by_image.items():
+        gts = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        total += len(duplicate_pairs(
+            torch.tensor([xyxy(d["bbox"]) for d in dets], dtype=torch.float32),
+            torch.tensor([float(d["score"]) for d in dets]),
+            torch.tensor([int(d["category_id"]) for d in dets]),
+            torch.tensor([xyxy(a["bbox"]) for a in gts], dtype=torch.float32).reshape(-1, 4),
+            torch.tensor([int(a["category_id"]) for a in gts], dtype=torch.int64),
+            score=score, iou=iou))
+    return total / max(len(coco.getImgIds()), 1)

@@ -1,0 +1,96 @@
+"""Losses of o2f-spec section 3, computed in float32 whatever the autocast dtype."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+
+def reduce_mean(x: Tensor) -> Tensor:
+    """Mean of a tensor over all processes (itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def joint_log_probs(cls_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """log p and log(1 - p) for p = sigmoid(cls) * sigmoid(obj), without forming p.
+
+    cls_logits (N, C), obj_logits (N,) or (N, 1). p underflows easily in half precision (a
+    product of two small sigmoids), so both logs are computed from the logits:
+      log p     = -softplus(-a) - softplus(-b)
+      log(1-p)  = log(e^-a + e^-b + e^-(a+b)) - softplus(-a) - softplus(-b)
+    """
+    a = cls_logits.float()
+    b = obj_logits.float().reshape(-1, 1).expand_as(a)
+    log_norm = F.softplus(-a) + F.softplus(-b)
+    log_p = -log_norm
+    log_1mp = torch.logsumexp(torch.stack([-a, -b, -a - b]), 0) - log_norm
+    return log_p, log_1mp
+
+
+def soft_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor, soft_labels: Tensor,
+                    weights: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Un-normalised soft focal loss over all N x C entries of the joint score p.
+
+    cls_logits (N, C), obj_logits (N,) or (N, 1); labels (N,) int64 with C for background;
+    soft_labels (N,) and weights (N,) as returned by :func:`o2f.assign.one_to_few`; valid
+    (N,) bool leaves points out of the loss (ignore regions), default all in.
+
+    Every entry is a negative, 0.75 * p^2 * BCE(p, 0), except a positive point's entry at
+    its class, which is w * BCE(p, s). The caller divides by the number of positive points.
+    """
+    num_classes = cls_logits.shape[1]
+    log_p, log_1mp = joint_log_probs(cls_logits, obj_logits)
+    negative = 0.75 * torch.exp(2 * log_p) * -log_1mp  # (N, C)
+    pos = torch.nonzero(labels < num_classes).squeeze(1)
+    cls = labels[pos]
+    s, w = soft_labels[pos].float(), weights[pos].float()
+    positive = -(s * log_p[pos, cls] + (1 - s) * log_1mp[pos, cls]) * w
+    negative = negative.index_put((pos, cls), positive)
+    if valid is not None:
+        negative = negative * valid.reshape(-1, 1)
+    return negative.sum()
+
+
+def centerness(ltrb: Tensor) -> Tensor:
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of targets (P, 4)."""
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-12)) * (
+        tb.min(1).values / tb.max(1).values.clamp(min=1e-12))
+    return ratio.clamp(min=0).sqrt()
+
+
+def weighted_giou_loss(pred_boxes: Tensor, target_boxes: Tensor, weights: Tensor) -> Tensor:
+    """sum_i w_i * GIoU-loss_i / max(mean over processes of sum w, 1e-6); boxes (P, 4)."""
+    loss = generalized_box_iou_loss(pred_boxes.float(), target_boxes.float(), reduction="none")
+    denom = reduce_mean(weights.sum().detach()).clamp(min=1e-6)
+    return (loss * weights).sum() / denom
+
+
+def focal_loss(cls_logits: Tensor, labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """FCOS's sigmoid focal loss (alpha 0.25, gamma 2), summed: the o2m baseline."""
+    num_classes = cls_logits.shape[1]
+    onehot = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(torch.float32)
+    loss = sigmoid_focal_loss(cls_logits.float(), onehot, alpha=0.25, gamma=2.0, reduction="none")
+    if valid is not None:
+        loss = loss * valid.reshape(-1, 1)
+    return loss.sum()
+
+
+def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
+    """Dice loss of each mask, as CondInst: 1 - 2 * sum(p * g) / (sum(p^2) + sum(g^2) + eps).
+
+    probs (P, ...) predicted probabilities in [0, 1]; targets (P, ...) the same shape, in
+    [0, 1] (binary, or area fractions). Sums run over all but the first dimension. Returns
+    (P,) float32; 0 for a perfect mask, 1 when they do not overlap (eps keeps an empty
+    prediction of an empty target finite: 1).
+    """
+    p = probs.float().flatten(1)
+    g = targets.float().flatten(1)
+    return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)

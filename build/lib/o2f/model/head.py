@@ -1,0 +1,100 @@
+"""The O2F head: FCOS-style towers shared by all FPN levels, plus an objectness branch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    groups = 32 if channels % 32 == 0 else math.gcd(channels, 32)
+    return nn.GroupNorm(groups, channels)
+
+
+def _tower(c_in: int, c_out: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), _gn(c_out),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Scale(nn.Module):
+    """A learnable scalar (one per FPN level), initialised to 1."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class O2FHead(nn.Module):
+    """Shared head over P3-P7.
+
+    Per level l with stride s_l and feature map H_l x W_l:
+      - cls tower (``num_convs`` x conv-GN-ReLU) -> 3x3 conv to C logits;
+      - reg tower -> 3x3 conv to 4 values, distances ltrb = ReLU(scale_l * value) * s_l
+        in input pixels;
+      - objectness branch on the reg tower output (``obj_convs`` x conv-GN-ReLU at
+        ``obj_channels``) -> 3x3 conv to 1 logit. It has no loss of its own in o2f/o2o.
+
+    ``forward(feats)`` returns, with N = sum_l H_l * W_l (level P3 first, row-major):
+      cls_logits (B, N, C), box_ltrb (B, N, 4) pixels, obj_logits (B, N).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, strides: list[int], *,
+                 channels: int = 256, num_convs: int = 4, obj_channels: int = 64,
+                 obj_convs: int = 3, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes, self.strides = num_classes, list(strides)
+        self.cls_tower = _tower(in_channels, channels, num_convs)
+        self.reg_tower = _tower(in_channels, channels, num_convs)
+        self.obj_tower = _tower(channels, obj_channels, obj_convs)
+        self.cls_out = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.reg_out = nn.Conv2d(channels, 4, 3, padding=1)
+        self.obj_out = nn.Conv2d(obj_channels if obj_convs else channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList(Scale() for _ in strides)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        cls_all, box_all, obj_all = [], [], []
+        for feat, scale, stride in zip(feats, self.scales, self.strides, strict=True):
+            cls_feat = self.cls_tower(feat)
+            reg_feat = self.reg_tower(feat)
+            cls_all.append(self.cls_out(cls_feat).flatten(2))
+            box_all.append((torch.relu(scale(self.reg_out(reg_feat).float())) * stride)
+                           .flatten(2))
+            obj_all.append(self.obj_out(self.obj_tower(reg_feat)).flatten(2))
+        cls_logits = torch.cat(cls_all, 2).transpose(1, 2)
+        box_ltrb = torch.cat(box_all, 2).transpose(1, 2)
+        obj_logits = torch.cat(obj_all, 2)[:, 0]
+        return cls_logits, box_ltrb, obj_logits
+
+
+def make_points(shapes: list[tuple[int, int]], strides: list[int], device: torch.device,
+                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Cell centres of every level, ((x + 0.5) * s, (y + 0.5) * s).
+
+    Returns points (N, 2) in input pixels and strides (N,), level P3 first, row-major.
+    """
+    points, point_strides = [], []
+    for (h, w), s in zip(shapes, strides, strict=True):
+        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) * s
+        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * s
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
+        point_strides.append(torch.full((h * w,), float(s), device=device, dtype=dtype))
+    return torch.cat(points), torch.cat(point_strides)
+
+
+def decode(points: Tensor, ltrb: Tensor) -> Tensor:
+    """Distances (..., 4) ltrb from points (..., 2) to boxes x1y1x2y2 (pixels)."""
+    return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], -1)
