@@ -38,19 +38,22 @@ VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("o2m + NMS", "o2m", T
 def duplicate_anatomy(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> dict:
     """Where a model's duplicates come from, read off its dense outputs (one image per
     batch): for each duplicate (``duplicate_pairs``), the FPN level and cell of its point
-    against those of the better detection it repeats, whether its point lies in the gt's
-    candidate region (where training could have picked it as a soft anchor), its score."""
+    against those of the better detection it repeats; its role for the object it repeats
+    in the model's own assignment at the end of the schedule (t = ``t_end``): a soft
+    anchor, a positive of weight 1 (o2f's certain positive; any o2m positive), or neither;
+    and its score."""
     model.eval()
     counts = {"same_level_adjacent": 0, "same_level_farther": 0, "other_level": 0,
-              "in_candidate_region": 0, "total": 0}
+              "soft_anchor": 0, "positive": 0, "total": 0}
     dup_scores, best_scores = [], []
     for index in range(len(dataset)):
         image, target = dataset[index]
-        batch, sizes, factor, _ = model.preprocess([image])
+        batch, sizes, _, targets = model.preprocess([image], [target])
         out = model.forward_dense(batch)
         boxes, scores, labels, points = (x[0] for x in model.postprocess(
             out, sizes, return_index=True))
-        gt_boxes = target["boxes"].reshape(-1, 4) * factor[0].repeat(2)  # batch pixels
+        gt_boxes = targets[0]["boxes"].reshape(-1, 4)  # in the batch's pixels, as the boxes
+        roles = model.assign(out, targets, model.cfg.t_end)[0]
         starts = torch.tensor([0] + out.level_sizes).cumsum(0)
         for i, j, g in duplicate_pairs(boxes, scores, labels, gt_boxes, target["labels"],
                                        score=score, iou=iou):
@@ -65,16 +68,42 @@ def duplicate_anatomy(model, dataset, *, score: float = 0.3, iou: float = 0.5) -
                 yj, xj = divmod(pj - int(starts[li]), width)
                 near = max(abs(yi - yj), abs(xi - xj)) <= 1
                 counts["same_level_adjacent" if near else "same_level_farther"] += 1
-            gt, half = gt_boxes[g], model.cfg.radius * float(out.strides[pi])
-            centre, ctr = out.points[pi], (gt[:2] + gt[2:]) / 2
-            lo, hi = torch.maximum(gt[:2], ctr - half), torch.minimum(gt[2:], ctr + half)
-            counts["in_candidate_region"] += bool(((centre > lo) & (centre < hi)).all())
+            if int(roles.gt_index[pi]) == g:
+                counts["soft_anchor" if float(roles.weights[pi]) < 1 else "positive"] += 1
             dup_scores.append(float(scores[i]))
             best_scores.append(float(scores[j]))
     total = max(counts["total"], 1)
     return {**{k: v / total if k != "total" else v for k, v in counts.items()},
             "median_score": float(np.median(dup_scores)) if dup_scores else 0.0,
             "median_score_of_repeated": float(np.median(best_scores)) if best_scores else 0.0}
+
+
+@torch.inference_mode()
+def soft_anchor_scores(model, dataset, *, score: float = 0.3) -> dict:
+    """How far the trained model follows its last soft labels: the one-to-few assignment at
+    the schedule's end (t = ``t_end``) on the val images, and the model's scores p at the
+    certain positives and at the soft anchors (with the soft anchors' targets)."""
+    model.eval()
+    certain, soft, target = [], [], []
+    for index in range(len(dataset)):
+        image, tgt = dataset[index]
+        batch, _, _, targets = model.preprocess([image], [tgt])
+        out = model.forward_dense(batch)
+        a = model.assign(out, targets, model.cfg.t_end)[0]
+        p = torch.sigmoid(out.cls_logits[0]) * torch.sigmoid(out.obj_logits[0])[:, None]
+        pos = torch.nonzero(a.positive).squeeze(1)
+        p_pos = p[pos, a.labels[pos]]
+        is_certain = a.weights[pos] == 1
+        certain += p_pos[is_certain].tolist()
+        soft += p_pos[~is_certain].tolist()
+        target += a.soft_labels[pos][~is_certain].tolist()
+    soft_array = np.asarray(soft)
+    return {"t_end": model.cfg.t_end,
+            "median_certain": float(np.median(certain)) if certain else 0.0,
+            "median_soft": float(np.median(soft)) if soft else 0.0,
+            "median_soft_target": float(np.median(target)) if target else 0.0,
+            "soft_at_or_above_score": float((soft_array >= score).mean()) if soft else 0.0,
+            "soft_per_image": len(soft) / max(len(dataset), 1)}
 
 
 def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int = 4) -> None:
@@ -152,10 +181,12 @@ def main() -> None:
         cfg.data.train = SplitConfig(str(data / "annotations/train.json"), str(data / "train"))
         cfg.data.val = SplitConfig(str(data / "annotations/val.json"), str(data / "val"))
         work = out / f"{mode}_x{args.budget:g}"
-        start = time.perf_counter()
+        seconds = work / "train_seconds.json"  # kept so that a re-evaluation reports it
         if not (work / "last.pt").exists() or load_checkpoint_epochs(work) < cfg.train.epochs:
+            start = time.perf_counter()
             train(cfg, work, resume=(work / "last.pt").exists())
-        timings[mode] = time.perf_counter() - start
+            seconds.write_text(json.dumps(time.perf_counter() - start))
+        timings[mode] = json.loads(seconds.read_text()) if seconds.exists() else None
         val_set = build_dataset(cfg, "val")
         for name, m, nms in VARIANTS:
             if m != mode:
@@ -170,6 +201,8 @@ def main() -> None:
                                              ("AP", "AP50", "AP75", "AR100")},
                          "duplicates_per_image": duplicate_rate(val_set.coco, results),
                          "anatomy": duplicate_anatomy(model, val_set)})
+            if m != "o2m" and not nms:
+                rows[-1]["soft_anchors"] = soft_anchor_scores(model, val_set)
             print(rows[-1])
     if {"o2f", "o2m + NMS"} <= set(runs):
         side_by_side(out, val_set, runs)
@@ -180,13 +213,24 @@ def main() -> None:
               f"{r['AR100']:.3f} | {r['duplicates_per_image']:.3f} |" for r in rows]
     table += ["", "Where the duplicates come from (shares of each variant's duplicates):", "",
               "| variant | duplicates | same level, adjacent cell | same level, farther | "
-              "other level | in the candidate region | median score (of the one repeated) |",
-              "|---|---|---|---|---|---|---|"]
+              "other level | a soft anchor of it | a positive (weight 1) of it | "
+              "median score (of the one repeated) |",
+              "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['variant']} | {a['total']} | {a['same_level_adjacent']:.2f} | "
               f"{a['same_level_farther']:.2f} | {a['other_level']:.2f} | "
-              f"{a['in_candidate_region']:.2f} | {a['median_score']:.2f} "
+              f"{a['soft_anchor']:.2f} | {a['positive']:.2f} | {a['median_score']:.2f} "
               f"({a['median_score_of_repeated']:.2f}) |"
               for r in rows for a in [r["anatomy"]]]
+    soft = [r for r in rows if r.get("soft_anchors", {}).get("soft_per_image")]
+    if soft:
+        table += ["", "The trained model against its last soft labels (assignment at t = "
+                  f"{soft[0]['soft_anchors']['t_end']:g} on the val images):", "",
+                  "| variant | median p, certain positives | median p, soft anchors "
+                  "(their target) | soft anchors at p >= 0.3 | soft anchors / image |",
+                  "|---|---|---|---|---|"]
+        table += [f"| {r['variant']} | {a['median_certain']:.2f} | {a['median_soft']:.2f} "
+                  f"({a['median_soft_target']:.2f}) | {a['soft_at_or_above_score']:.2f} | "
+                  f"{a['soft_per_image']:.1f} |" for r in soft for a in [r["soft_anchors"]]]
     (out / "results.md").write_text("\n".join(table) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"budget": args.budget, "classes": args.classes, "epochs": cfg.train.epochs,
