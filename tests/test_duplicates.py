@@ -74,3 +74,4 @@ def test_rate_is_per_image_of_the_dataset_and_ignores_crowd_boxes():
             {"image_id": 2, "category_id": 7, "bbox": [0.5, 0, 10, 10], "score": 0.7}]
     assert duplicate_rate(coco, dets) == 2 / 4  # two in image 1; the crowd box is no object
     assert duplicate_rate(coco, dets, score=0.5) == 1 / 4
+    assert duplicate_rate(coco.dataset, dets) == 2 / 4  # the ground truth as a dict

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from o2f.evaluation.coco import _as_coco, _load_detections
+
 __all__ = ["duplicate_pairs", "duplicate_rate"]
 
 
@@ -41,15 +43,19 @@ def duplicate_pairs(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
     return pairs
 
 
-def duplicate_rate(coco: Any, results: list[dict[str, Any]], *, score: float = 0.3,
+def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
                    iou: float = 0.5) -> float:
-    """Mean number of duplicates per image of ``coco`` (a pycocotools-style COCO) among
-    COCO-format ``results`` (bbox as x, y, w, h). Crowd boxes are not ground truth here."""
+    """Mean number of duplicates per image of the ground truth among the detections.
+
+    ``gt_json`` and ``detections`` as for :func:`o2f.evaluation.coco_evaluate` (a path, a
+    dict or a COCO object; a results JSON path or the list itself, bbox as x, y, w, h).
+    Crowd boxes are not objects here."""
+    coco = _as_coco(gt_json)
     def xyxy(box: list[float]) -> list[float]:
         return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
 
     by_image: dict[int, list[dict[str, Any]]] = {}
-    for r in results:
+    for r in _load_detections(detections):
         by_image.setdefault(int(r["image_id"]), []).append(r)
     total = 0
     for image_id, dets in by_image.items():
