@@ -1,7 +1,7 @@
 """The paper's ablation on the built-in crowd of digits: one-to-few vs one-to-one vs
 one-to-many (+/- NMS), under one training budget.
 
-    python benchmarks/ablation.py --out runs/ablation [--budget 1.0] [--classes 1]
+    python benchmarks/ablation.py --out runs/ablation [--budget 1.0] [--classes 1] [--set K=V]
 
 Trains the ``digits`` preset three times on the crowd variant (same data, seed,
 iterations and model; only ``model.assign`` differs) and evaluates o2f without NMS, o2o
@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["o2f", "o2o", "o2m"],
                         choices=["o2f", "o2o", "o2m"], help="assignments to train")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every mode (a variation of the recipe; "
+                             "give it its own --out)")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -175,7 +178,7 @@ def main() -> None:
     timings = {}
     for mode in args.modes:
         cfg = load_config("digits", [f"model.assign={mode}", f"model.num_classes={args.classes}",
-                                     f"train.seed={args.seed}"])
+                                     f"train.seed={args.seed}", *args.set])
         cfg.train.epochs = max(1, round(cfg.train.epochs * args.budget))
         cfg.train.eval_every = 0
         cfg.data.train = SplitConfig(str(data / "annotations/train.json"), str(data / "train"))
@@ -234,6 +237,7 @@ def main() -> None:
     (out / "results.md").write_text("\n".join(table) + "\n")
     (out / "results.json").write_text(json.dumps(
         {"budget": args.budget, "classes": args.classes, "epochs": cfg.train.epochs,
+         "overrides": args.set,
          "train_seconds": timings, "rows": rows}, indent=1))
     print("\n".join(table))
 
