@@ -1,3 +1,0 @@
-from o2f.cli import main
-
-raise SystemExit(main())
