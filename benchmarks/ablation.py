@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 
 from o2f.config import SplitConfig, load_config
 from o2f.data import build_dataset
@@ -35,30 +36,42 @@ VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("o2m + NMS", "o2m", T
 
 
 @torch.inference_mode()
-def duplicate_anatomy(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> dict:
-    """Where a model's duplicates come from, read off its dense outputs (one image per
-    batch): for each duplicate (``duplicate_pairs``), the FPN level and cell of its point
-    against those of the better detection it repeats; its role for the object it repeats
-    in the model's own assignment at the end of the schedule (t = ``t_end``): a soft
-    anchor, a positive of weight 1 (o2f's certain positive; any o2m positive), or neither;
-    and its score."""
+def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[dict, dict]:
+    """Two readings of a trained model's dense outputs on ``dataset`` (one image per batch),
+    both against its own assignment at the end of the schedule (t = ``t_end``).
+
+    anatomy: where its duplicates come from. For each duplicate (``duplicate_pairs``) the
+    FPN level and cell of its point against those of the better detection it repeats; its
+    role for the object it repeats: a soft anchor, a positive of weight 1 (o2f's certain
+    positive; any o2m positive), or neither; and its score.
+    soft anchors: how far the model follows its last soft labels, the scores p at the
+    certain positives and at the soft anchors (with the soft anchors' targets).
+    """
     model.eval()
     counts = {"same_level_adjacent": 0, "same_level_farther": 0, "other_level": 0,
               "soft_anchor": 0, "positive": 0, "total": 0}
-    dup_scores, best_scores = [], []
+    dup_scores, best_scores, certain, soft, soft_target = [], [], [], [], []
     for index in range(len(dataset)):
         image, target = dataset[index]
         batch, sizes, _, targets = model.preprocess([image], [target])
         out = model.forward_dense(batch)
+        roles = model.assign(out, targets, model.cfg.t_end)[0]
+
+        p = torch.sigmoid(out.cls_logits[0]) * torch.sigmoid(out.obj_logits[0])[:, None]
+        pos = torch.nonzero(roles.positive).squeeze(1)
+        p_pos, is_certain = p[pos, roles.labels[pos]], roles.weights[pos] == 1
+        certain += p_pos[is_certain].tolist()
+        soft += p_pos[~is_certain].tolist()
+        soft_target += roles.soft_labels[pos][~is_certain].tolist()
+
         boxes, scores, labels, points = (x[0] for x in model.postprocess(
             out, sizes, return_index=True))
         gt_boxes = targets[0]["boxes"].reshape(-1, 4)  # in the batch's pixels, as the boxes
-        roles = model.assign(out, targets, model.cfg.t_end)[0]
         starts = torch.tensor([0] + out.level_sizes).cumsum(0)
         for i, j, g in duplicate_pairs(boxes, scores, labels, gt_boxes, target["labels"],
                                        score=score, iou=iou):
             pi, pj = int(points[i]), int(points[j])
-            li, lj = (int(torch.searchsorted(starts, p, right=True)) - 1 for p in (pi, pj))
+            li, lj = (int(torch.searchsorted(starts, q, right=True)) - 1 for q in (pi, pj))
             counts["total"] += 1
             if li != lj:
                 counts["other_level"] += 1
@@ -72,38 +85,20 @@ def duplicate_anatomy(model, dataset, *, score: float = 0.3, iou: float = 0.5) -
                 counts["soft_anchor" if float(roles.weights[pi]) < 1 else "positive"] += 1
             dup_scores.append(float(scores[i]))
             best_scores.append(float(scores[j]))
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else 0.0
+
     total = max(counts["total"], 1)
-    return {**{k: v / total if k != "total" else v for k, v in counts.items()},
-            "median_score": float(np.median(dup_scores)) if dup_scores else 0.0,
-            "median_score_of_repeated": float(np.median(best_scores)) if best_scores else 0.0}
-
-
-@torch.inference_mode()
-def soft_anchor_scores(model, dataset, *, score: float = 0.3) -> dict:
-    """How far the trained model follows its last soft labels: the one-to-few assignment at
-    the schedule's end (t = ``t_end``) on the val images, and the model's scores p at the
-    certain positives and at the soft anchors (with the soft anchors' targets)."""
-    model.eval()
-    certain, soft, target = [], [], []
-    for index in range(len(dataset)):
-        image, tgt = dataset[index]
-        batch, _, _, targets = model.preprocess([image], [tgt])
-        out = model.forward_dense(batch)
-        a = model.assign(out, targets, model.cfg.t_end)[0]
-        p = torch.sigmoid(out.cls_logits[0]) * torch.sigmoid(out.obj_logits[0])[:, None]
-        pos = torch.nonzero(a.positive).squeeze(1)
-        p_pos = p[pos, a.labels[pos]]
-        is_certain = a.weights[pos] == 1
-        certain += p_pos[is_certain].tolist()
-        soft += p_pos[~is_certain].tolist()
-        target += a.soft_labels[pos][~is_certain].tolist()
-    soft_array = np.asarray(soft)
-    return {"t_end": model.cfg.t_end,
-            "median_certain": float(np.median(certain)) if certain else 0.0,
-            "median_soft": float(np.median(soft)) if soft else 0.0,
-            "median_soft_target": float(np.median(target)) if target else 0.0,
-            "soft_at_or_above_score": float((soft_array >= score).mean()) if soft else 0.0,
-            "soft_per_image": len(soft) / max(len(dataset), 1)}
+    anatomy = {**{k: v / total if k != "total" else v for k, v in counts.items()},
+               "median_score": median(dup_scores),
+               "median_score_of_repeated": median(best_scores)}
+    soft_anchors = {"t_end": model.cfg.t_end, "median_certain": median(certain),
+                    "median_soft": median(soft), "median_soft_target": median(soft_target),
+                    "soft_at_or_above_score": float((np.asarray(soft) >= score).mean())
+                    if soft else 0.0,
+                    "soft_per_image": len(soft) / max(len(dataset), 1)}
+    return anatomy, soft_anchors
 
 
 def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int = 4) -> None:
@@ -121,8 +116,8 @@ def side_by_side(out_dir: Path, val_set, runs: dict[str, list[dict]], count: int
         panels = []
         for name in ("o2f", "o2m + NMS"):
             dets = [r for r in runs[name] if r["image_id"] == image_id and r["score"] >= 0.3]
-            boxes = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]]
-                                  for b in (d["bbox"] for d in dets)]).reshape(-1, 4)
+            boxes = box_convert(torch.tensor([d["bbox"] for d in dets]).reshape(-1, 4),
+                                "xywh", "xyxy")
             labels = [0] * len(dets)
             picture = draw(image, boxes, labels, [d["score"] for d in dets], [""])
             panels.append(picture.permute(1, 2, 0).numpy())
@@ -202,10 +197,10 @@ def main() -> None:
             metrics = coco_evaluate(val_set.coco, results)
             rows.append({"variant": name, **{k: metrics[k] for k in
                                              ("AP", "AP50", "AP75", "AR100")},
-                         "duplicates_per_image": duplicate_rate(val_set.coco, results),
-                         "anatomy": duplicate_anatomy(model, val_set)})
+                         "duplicates_per_image": duplicate_rate(val_set.coco, results)})
+            rows[-1]["anatomy"], soft_anchors = diagnose(model, val_set)
             if m != "o2m" and not nms:
-                rows[-1]["soft_anchors"] = soft_anchor_scores(model, val_set)
+                rows[-1]["soft_anchors"] = soft_anchors
             print(rows[-1])
     if {"o2f", "o2m + NMS"} <= set(runs):
         side_by_side(out, val_set, runs)

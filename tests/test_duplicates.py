@@ -28,10 +28,10 @@ def test_each_object_once_has_no_duplicates():
 
 
 def test_low_scores_other_classes_and_misses_do_not_count():
-    boxes = [[0, 0, 10, 10], [1, 0, 10, 10], [0, 0, 9, 10], [3, 0, 13, 10]]
+    boxes = [[0, 0, 10, 10], [1, 0, 10, 10], [0, 0, 9, 10]]
     # score below the threshold; another class
     assert pairs(boxes[:2], [0.9, 0.29]) == []
-    assert pairs(boxes[:3], [0.9, 0.8, 0.7], labels=[1, 2, 3]) == []
+    assert pairs(boxes, [0.9, 0.8, 0.7], labels=[1, 2, 3]) == []
     # IoU 0.67 with the better detection but only 0.43 with the gt: a miss, not a duplicate
     assert pairs([[2, 0, 12, 10], [4, 0, 14, 10]], [0.9, 0.8]) == []
     assert pairs([[2, 0, 12, 10], [3, 0, 13, 10]], [0.9, 0.8]) == [(1, 0, 0)]

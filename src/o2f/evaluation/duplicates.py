@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 from o2f.evaluation.coco import _as_coco, _load_detections
 
@@ -36,11 +36,10 @@ def duplicate_pairs(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
     higher = torch.ones(len(b), len(b), dtype=torch.bool, device=b.device).tril(-1)
     repeats = ((box_iou(b, b) >= iou) & (matched[:, None] == matched[None])
                & (matched[:, None] >= 0) & (c[:, None] == c[None]) & higher)
-    pairs = []
-    for i in torch.nonzero(repeats.any(1)).squeeze(1).tolist():
-        j = int(torch.nonzero(repeats[i])[0])
-        pairs.append((int(keep[i]), int(keep[j]), int(matched[i])))
-    return pairs
+    rows = torch.nonzero(repeats.any(1)).squeeze(1)
+    first = repeats[rows].to(torch.uint8).argmax(1)  # the best-scored detection repeated
+    return list(zip(keep[rows].tolist(), keep[first].tolist(), matched[rows].tolist(),
+                    strict=True))
 
 
 def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
@@ -51,8 +50,10 @@ def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
     dict or a COCO object; a results JSON path or the list itself, bbox as x, y, w, h).
     Crowd boxes are not objects here."""
     coco = _as_coco(gt_json)
-    def xyxy(box: list[float]) -> list[float]:
-        return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+
+    def xyxy(records: list[dict[str, Any]]) -> Tensor:
+        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32)
+        return box_convert(boxes.reshape(-1, 4), "xywh", "xyxy")
 
     by_image: dict[int, list[dict[str, Any]]] = {}
     for r in _load_detections(detections):
@@ -61,10 +62,8 @@ def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
     for image_id, dets in by_image.items():
         gts = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         total += len(duplicate_pairs(
-            torch.tensor([xyxy(d["bbox"]) for d in dets], dtype=torch.float32),
-            torch.tensor([float(d["score"]) for d in dets]),
-            torch.tensor([int(d["category_id"]) for d in dets]),
-            torch.tensor([xyxy(a["bbox"]) for a in gts], dtype=torch.float32).reshape(-1, 4),
+            xyxy(dets), torch.tensor([float(d["score"]) for d in dets]),
+            torch.tensor([int(d["category_id"]) for d in dets]), xyxy(gts),
             torch.tensor([int(a["category_id"]) for a in gts], dtype=torch.int64),
             score=score, iou=iou))
     return total / max(len(coco.getImgIds()), 1)
