@@ -100,6 +100,7 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: bool = True  # CUDA only; bfloat16 autocast
     amp_dtype: str = "bfloat16"
+    channels_last: bool = True  # NHWC weights and activations: faster convolutions
     eval_every: int = 1
     seed: int = 0
     log_every: int = 20

@@ -341,6 +341,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
     train_set = build_dataset(cfg, "train")
     val_set = build_dataset(cfg, "val") if cfg.train.eval_every > 0 else None
     model = create_model(cfg.model).to(device)
+    if cfg.train.channels_last:  # convolutions then output NHWC from NCHW inputs too
+        model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
