@@ -4,7 +4,8 @@
 
 Loading must keep ahead of training: the figure to read is the ratio of the loader's
 images/s (decode, augment, collate) to the training step's images/s on the same machine.
-The step is timed in both memory layouts (``train.channels_last``), printing their ratio.
+The step is timed in both memory layouts (``train.channels_last``), printing their ratio,
+and the whole loop (loading included) for each number of workers against the step alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/digits")
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "annotations" / "train.json").exists():
@@ -48,29 +49,48 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"loading, {workers} workers: {images_total / seconds:7.1f} images/s")
 
-    loader = DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
-                        collate_fn=collate_train, num_workers=0)
-    prepared = list(loader)
-    step_seconds = {}
-    for layout in ("contiguous", "channels_last"):
+    def train_seconds(batches_of, channels_last: bool) -> float:
+        """Seconds per training step over ``batches_of`` (the first two steps not timed:
+        they allocate and pick kernels)."""
         torch.manual_seed(0)
         model = O2F(cfg.model).train()
-        if layout == "channels_last":  # what train.channels_last=true does
+        if channels_last:  # what train.channels_last=true does
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg)
-        for i, (images, image_sizes, targets) in enumerate(prepared):
-            if i == 2:  # the first steps allocate and pick kernels
+        steps = 0
+        for i, (images, image_sizes, targets) in enumerate(batches_of):
+            if i == 2:
                 start = time.perf_counter()
             losses = model(images, targets, image_sizes=image_sizes, t=0.4)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
-        step_seconds[layout] = (time.perf_counter() - start) / (len(prepared) - 2)
-        print(f"training step, {layout} (data in memory): "
-              f"{cfg.train.batch_size / step_seconds[layout]:7.1f} images/s, "
-              f"{step_seconds[layout] * 1e3:.0f} ms per batch of {cfg.train.batch_size}")
-    print(f"channels_last / contiguous step time: "
-          f"{step_seconds['channels_last'] / step_seconds['contiguous']:.2f}")
+            steps += i >= 2
+        return (time.perf_counter() - start) / steps
+
+    def report(what: str, seconds: float) -> None:
+        print(f"{what}: {cfg.train.batch_size / seconds:7.1f} images/s, "
+              f"{seconds * 1e3:.0f} ms per batch of {cfg.train.batch_size}")
+
+    prepared = list(DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
+                               collate_fn=collate_train, num_workers=0))
+    step = {}
+    for channels_last in (False, True):
+        step[channels_last] = train_seconds(prepared, channels_last)
+        report(f"training step, {'channels_last' if channels_last else 'contiguous'} "
+               "(data in memory)", step[channels_last])
+    print(f"channels_last / contiguous step time: {step[True] / step[False]:.2f}")
+
+    # The whole loop: loading workers share the two cores with the compute threads.
+    loop = {}
+    for workers in args.workers:
+        loader = DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
+                            collate_fn=collate_train, num_workers=workers)
+        loop[workers] = train_seconds(loader, cfg.train.channels_last)
+        report(f"training loop with loading, {workers} workers", loop[workers])
+    for workers in args.workers:
+        print(f"loop time, {workers} workers / in memory: "
+              f"{loop[workers] / step[cfg.train.channels_last]:.2f}")
     print(f"torch threads: {torch.get_num_threads()}")
 
 

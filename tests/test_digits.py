@@ -29,8 +29,9 @@ def _generate(root: Path, name: str, **kwargs) -> dict[str, Path]:
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("digits")
     return {
-        "crowd": _generate(root, "crowd", variant="crowd", seed=0),
-        "crowd_again": _generate(root, "crowd_again", variant="crowd", seed=0),
+        "crowd": _generate(root, "crowd", variant="crowd", seed=0, workers=2),
+        # the same seed rendered in this process: the output must not depend on workers
+        "crowd_again": _generate(root, "crowd_again", variant="crowd", seed=0, workers=1),
         "crowd_seed1": _generate(root, "crowd_seed1", variant="crowd", seed=1),
         "crowd_odgt": _generate(root, "crowd_odgt", variant="crowd", seed=0, fmt="odgt"),
         "sparse": _generate(root, "sparse", variant="sparse", seed=0),
@@ -264,6 +265,7 @@ def test_crowd_digits_overlap_heavily(datasets) -> None:
 
 
 def test_same_seed_same_bytes_other_seed_differs(datasets, tmp_path) -> None:
+    # "crowd" was rendered by two worker processes, "crowd_again" by this one
     a, b, c = datasets["crowd"], datasets["crowd_again"], datasets["crowd_seed1"]
     for split in ("train", "val"):
         assert a[f"{split}_annotations"].read_bytes() == b[f"{split}_annotations"].read_bytes()

@@ -214,7 +214,9 @@ def digits() -> Config:
     cfg.data.train = SplitConfig("data/digits/annotations/train.json", "data/digits/train")
     cfg.data.val = SplitConfig("data/digits/annotations/val.json", "data/digits/val")
     cfg.data.min_size, cfg.data.max_size, cfg.data.flip = [0, 0], 0, False  # native size
-    cfg.data.num_workers = 1  # two cores: one worker decodes while the model trains
+    # On two cores a loading worker slows the two compute threads more than decoding in
+    # the training process does (benchmarks/data_speed.py).
+    cfg.data.num_workers = 0
     t = cfg.train
     t.optimizer, t.lr, t.base_batch_size, t.batch_size = "adamw", 2e-3, 8, 8
     t.weight_decay, t.warmup_iters, t.warmup_ratio = 0.05, 100, 0.01

@@ -47,9 +47,14 @@ the images are ``.png``, not ``.jpg``, and each line also has ``width`` and ``he
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -383,6 +388,40 @@ def _categories(single_class: bool) -> list[dict]:
     return [{"id": c + 1, "name": str(c), "supercategory": "digit"} for c in range(10)]
 
 
+def _write_image(job: tuple[tuple[int, ...], Path], variant: str, pool: np.ndarray
+                 ) -> tuple[int, int, list[tuple[int, int, dict]]]:
+    """Render the image ``job = (key, path)`` (``key``: its RNG seed) and save it as a PNG at
+    ``path``. Returns its width, height and, per digit visible enough to keep, the digit's
+    label, sklearn index and COCO fields."""
+    key, path = job
+    pixels, digits = _render_image(np.random.default_rng(list(key)), variant, pool)
+    height, width = pixels.shape[:2]
+    # Level 1: noise makes the PNGs barely compressible, and level 6 costs twice the time.
+    Image.fromarray(pixels).save(path, compress_level=1)
+    return width, height, [(d.label, d.index, _annotate(d, width, height))
+                           for d in digits if d.visible_fraction() >= MIN_VISIBLE]
+
+
+@contextmanager
+def _process_pool(workers: int) -> Iterator[Any]:
+    """A process pool of ``workers``, or None for one (render in this process). Forked where
+    the platform allows, so the workers share the digits and photos loaded here."""
+    if workers <= 1:
+        yield None
+        return
+    _digits(), _photos()
+    methods = multiprocessing.get_all_start_methods()
+    with multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers) as p:
+        yield p
+
+
+def _worker_count(workers: int | None) -> int:
+    if workers is not None:
+        return max(1, workers)
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
 def make_digits(
     out_dir: str | Path,
     *,
@@ -393,6 +432,7 @@ def make_digits(
     fmt: str = "coco",
     single_class: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict[str, Path]:
     """Generate the Digits detection dataset (see the module docstring) under ``out_dir``.
 
@@ -406,6 +446,8 @@ def make_digits(
             (CrowdHuman lines in ``annotations/{split}.odgt``, all images in ``Images/``).
         single_class: one category (id 1, ``"digit"``) instead of ids 1-10 for "0"-"9".
         progress: show a tqdm progress bar per split.
+        workers: processes rendering images (default: the usable cores, at most 4); the
+            output does not depend on it (each image has its own RNG seed).
 
     Returns:
         ``{"train_images", "val_images", "train_annotations", "val_annotations"}``: the image
@@ -431,45 +473,39 @@ def make_digits(
         image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations, odgt_lines = [], [], []
         variant_code = list(_VARIANTS).index(variant)
-        for i in tqdm(range(nums[split]), desc=f"digits {variant} {split}", disable=not progress):
-            rng = np.random.default_rng([seed, variant_code, split_code, i])
-            pixels, digits = _render_image(rng, variant, pools[split])
-            height, width = pixels.shape[:2]
-            stem = f"{split}_{i:06d}"
-            # Level 1: noise makes the PNGs barely compressible, and level 6 costs twice the time.
-            Image.fromarray(pixels).save(image_dir / f"{stem}.png", compress_level=1)
-            image_id = i + 1  # COCOeval treats id 0 as "unmatched": ids start at 1
-            images.append(
-                {"id": image_id, "file_name": f"{stem}.png", "width": width, "height": height}
-            )
-            gtboxes = []
-            for d in digits:
-                if d.visible_fraction() < MIN_VISIBLE:
-                    continue
-                ann = _annotate(d, width, height)
-                annotations.append(
-                    {
+        stems = [f"{split}_{i:06d}" for i in range(nums[split])]
+        render = partial(_write_image, variant=variant, pool=pools[split])
+        jobs = [((seed, variant_code, split_code, i), image_dir / f"{stem}.png")
+                for i, stem in enumerate(stems)]
+        with _process_pool(_worker_count(workers)) as processes:
+            done = processes.imap(render, jobs, chunksize=8) if processes else map(render, jobs)
+            for i, (width, height, kept) in enumerate(tqdm(
+                    done, total=len(jobs), desc=f"digits {variant} {split}", disable=not progress)):
+                stem = stems[i]
+                image_id = i + 1  # COCOeval treats id 0 as "unmatched": ids start at 1
+                images.append(
+                    {"id": image_id, "file_name": f"{stem}.png", "width": width, "height": height}
+                )
+                gtboxes = []
+                for label, index, ann in kept:
+                    annotations.append({
                         "id": len(annotations) + 1,
                         "image_id": image_id,
-                        "category_id": 1 if single_class else d.label + 1,
+                        "category_id": 1 if single_class else label + 1,
                         "bbox": ann["bbox"],
                         "area": ann["area"],
                         "iscrowd": 0,
                         "segmentation": ann["segmentation"],
-                        "digit_index": d.index,
-                    }
-                )
-                gtboxes.append(
-                    {
+                        "digit_index": index,
+                    })
+                    gtboxes.append({
                         "tag": "person",
                         "fbox": ann["bbox"],
                         "vbox": ann["bbox"],
-                        "extra": {"ignore": 0, "digit_index": d.index},
-                    }
-                )
-            odgt_lines.append(
-                json.dumps({"ID": stem, "width": width, "height": height, "gtboxes": gtboxes})
-            )
+                        "extra": {"ignore": 0, "digit_index": index},
+                    })
+                odgt_lines.append(json.dumps(
+                    {"ID": stem, "width": width, "height": height, "gtboxes": gtboxes}))
         if fmt == "coco":
             ann_path = out_dir / "annotations" / f"{split}.json"
             coco = {
