@@ -11,7 +11,7 @@ from o2f.config import SplitConfig, load_config
 
 # The demo's schedule: six epochs of the digits preset (whose eight are the ablation's 1x
 # budget) reach about AP 0.65 in about five minutes of two cores; five epochs fall short
-# in some runs (AP 0.32-0.59 over five runs), eight reach 0.75-0.77 (docs/benchmarks.md).
+# in some runs (AP 0.32-0.59 over six runs), eight reach 0.75-0.77 (docs/benchmarks.md).
 DEMO_EPOCHS = 6
 
 
