@@ -56,6 +56,7 @@ def main() -> None:
     iters_per_epoch = 76
     cfg.train.epochs = args.iters // iters_per_epoch + 1
     cfg.train.max_iters, cfg.train.eval_every = args.iters, 0
+    cfg.data.num_workers = 1  # a loading worker too: its memory is part of what is watched
 
     samples: list[tuple[float, float]] = []
     done = threading.Event()
