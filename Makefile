@@ -14,10 +14,10 @@ $(TORCH):
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	touch $@
 
-# Everything: tests, lint, export, Swin, TensorBoard.
+# Everything: tests, lint, export, Swin, TensorBoard (and so the demo's extras too).
 $(STAMP): $(TORCH) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
+	touch $@ $(DEMO_STAMP)
 
 # What the demo needs (the digits data and the plots), so it starts sooner.
 $(DEMO_STAMP): $(TORCH) pyproject.toml

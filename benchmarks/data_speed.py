@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    if args.batches < 3:
+        parser.error("--batches must be at least 3 (the first two steps are not timed)")
     data = Path(args.data)
     if not (data / "annotations" / "train.json").exists():
         make_digits(data, variant="sparse")
@@ -40,11 +42,13 @@ def main() -> None:
     batches = epoch_batches(sizes, cfg.train.batch_size, 0, 0)[: args.batches]
     images_total = sum(len(b) for b in batches)
 
+    def loader(workers: int) -> DataLoader:
+        return DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
+                          collate_fn=collate_train, num_workers=workers)
+
     for workers in args.workers:
-        loader = DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
-                            collate_fn=collate_train, num_workers=workers)
         start = time.perf_counter()
-        for _ in loader:
+        for _ in loader(workers):
             pass
         seconds = time.perf_counter() - start
         print(f"loading, {workers} workers: {images_total / seconds:7.1f} images/s")
@@ -57,7 +61,6 @@ def main() -> None:
         if channels_last:  # what train.channels_last=true does
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg)
-        steps = 0
         for i, (images, image_sizes, targets) in enumerate(batches_of):
             if i == 2:
                 start = time.perf_counter()
@@ -65,15 +68,13 @@ def main() -> None:
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
-            steps += i >= 2
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / (len(batches) - 2)
 
     def report(what: str, seconds: float) -> None:
         print(f"{what}: {cfg.train.batch_size / seconds:7.1f} images/s, "
               f"{seconds * 1e3:.0f} ms per batch of {cfg.train.batch_size}")
 
-    prepared = list(DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
-                               collate_fn=collate_train, num_workers=0))
+    prepared = list(loader(0))
     step = {}
     for channels_last in (False, True):
         step[channels_last] = train_seconds(prepared, channels_last)
@@ -84,9 +85,7 @@ def main() -> None:
     # The whole loop: loading workers share the two cores with the compute threads.
     loop = {}
     for workers in args.workers:
-        loader = DataLoader(EpochDataset(dataset, 0), batch_sampler=batches,
-                            collate_fn=collate_train, num_workers=workers)
-        loop[workers] = train_seconds(loader, cfg.train.channels_last)
+        loop[workers] = train_seconds(loader(workers), cfg.train.channels_last)
         report(f"training loop with loading, {workers} workers", loop[workers])
     for workers in args.workers:
         print(f"loop time, {workers} workers / in memory: "

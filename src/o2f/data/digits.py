@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -402,6 +402,38 @@ def _write_image(job: tuple[tuple[int, ...], Path], variant: str, pool: np.ndarr
                            for d in digits if d.visible_fraction() >= MIN_VISIBLE]
 
 
+def _records(stems: list[str], rendered: Iterable[tuple[int, int, list]], single_class: bool
+             ) -> tuple[list[dict], list[dict], list[str]]:
+    """COCO images and annotations and odgt lines of one split, from ``_write_image``'s
+    results in image order."""
+    images, annotations, odgt_lines = [], [], []
+    for i, (stem, (width, height, kept)) in enumerate(zip(stems, rendered, strict=True)):
+        image_id = i + 1  # COCOeval treats id 0 as "unmatched": ids start at 1
+        images.append({"id": image_id, "file_name": f"{stem}.png", "width": width,
+                       "height": height})
+        gtboxes = []
+        for label, index, ann in kept:
+            annotations.append({
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": 1 if single_class else label + 1,
+                "bbox": ann["bbox"],
+                "area": ann["area"],
+                "iscrowd": 0,
+                "segmentation": ann["segmentation"],
+                "digit_index": index,
+            })
+            gtboxes.append({
+                "tag": "person",
+                "fbox": ann["bbox"],
+                "vbox": ann["bbox"],
+                "extra": {"ignore": 0, "digit_index": index},
+            })
+        odgt_lines.append(json.dumps(
+            {"ID": stem, "width": width, "height": height, "gtboxes": gtboxes}))
+    return images, annotations, odgt_lines
+
+
 @contextmanager
 def _process_pool(workers: int) -> Iterator[Any]:
     """A process pool of ``workers``, or None for one (render in this process). Forked where
@@ -467,60 +499,35 @@ def make_digits(
     }
     pools = digit_split()
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    variant_code = list(_VARIANTS).index(variant)
     written: dict[str, Path] = {}
-    for split_code, split in enumerate(_SPLITS):
-        image_dir = out_dir / ("Images" if fmt == "odgt" else split)
-        image_dir.mkdir(parents=True, exist_ok=True)
-        images, annotations, odgt_lines = [], [], []
-        variant_code = list(_VARIANTS).index(variant)
-        stems = [f"{split}_{i:06d}" for i in range(nums[split])]
-        render = partial(_write_image, variant=variant, pool=pools[split])
-        jobs = [((seed, variant_code, split_code, i), image_dir / f"{stem}.png")
-                for i, stem in enumerate(stems)]
-        with _process_pool(_worker_count(workers)) as processes:
+    with _process_pool(_worker_count(workers)) as processes:
+        for split_code, split in enumerate(_SPLITS):
+            image_dir = out_dir / ("Images" if fmt == "odgt" else split)
+            image_dir.mkdir(parents=True, exist_ok=True)
+            stems = [f"{split}_{i:06d}" for i in range(nums[split])]
+            jobs = [((seed, variant_code, split_code, i), image_dir / f"{stem}.png")
+                    for i, stem in enumerate(stems)]
+            render = partial(_write_image, variant=variant, pool=pools[split])
             done = processes.imap(render, jobs, chunksize=8) if processes else map(render, jobs)
-            for i, (width, height, kept) in enumerate(tqdm(
-                    done, total=len(jobs), desc=f"digits {variant} {split}", disable=not progress)):
-                stem = stems[i]
-                image_id = i + 1  # COCOeval treats id 0 as "unmatched": ids start at 1
-                images.append(
-                    {"id": image_id, "file_name": f"{stem}.png", "width": width, "height": height}
-                )
-                gtboxes = []
-                for label, index, ann in kept:
-                    annotations.append({
-                        "id": len(annotations) + 1,
-                        "image_id": image_id,
-                        "category_id": 1 if single_class else label + 1,
-                        "bbox": ann["bbox"],
-                        "area": ann["area"],
-                        "iscrowd": 0,
-                        "segmentation": ann["segmentation"],
-                        "digit_index": index,
-                    })
-                    gtboxes.append({
-                        "tag": "person",
-                        "fbox": ann["bbox"],
-                        "vbox": ann["bbox"],
-                        "extra": {"ignore": 0, "digit_index": index},
-                    })
-                odgt_lines.append(json.dumps(
-                    {"ID": stem, "width": width, "height": height, "gtboxes": gtboxes}))
-        if fmt == "coco":
-            ann_path = out_dir / "annotations" / f"{split}.json"
-            coco = {
-                "info": {"description": f"Digits ({variant}, seed {seed})", "version": "1.0"},
-                "licenses": [],
-                "images": images,
-                "annotations": annotations,
-                "categories": _categories(single_class),
-            }
-            ann_path.write_text(json.dumps(coco))
-        else:
-            ann_path = out_dir / "annotations" / f"{split}.odgt"
-            ann_path.write_text("".join(line + "\n" for line in odgt_lines))
-        written[f"{split}_images"] = image_dir
-        written[f"{split}_annotations"] = ann_path
+            images, annotations, odgt_lines = _records(
+                stems, tqdm(done, total=len(jobs), desc=f"digits {variant} {split}",
+                            disable=not progress), single_class)
+            if fmt == "coco":
+                ann_path = out_dir / "annotations" / f"{split}.json"
+                coco = {
+                    "info": {"description": f"Digits ({variant}, seed {seed})", "version": "1.0"},
+                    "licenses": [],
+                    "images": images,
+                    "annotations": annotations,
+                    "categories": _categories(single_class),
+                }
+                ann_path.write_text(json.dumps(coco))
+            else:
+                ann_path = out_dir / "annotations" / f"{split}.odgt"
+                ann_path.write_text("".join(line + "\n" for line in odgt_lines))
+            written[f"{split}_images"] = image_dir
+            written[f"{split}_annotations"] = ann_path
     return written
 
 
