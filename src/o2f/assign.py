@@ -50,6 +50,20 @@ def soft_label_ceiling(epoch: float, num_epochs: int, start: float = 0.6,
     return start + (end - start) * e / (num_epochs - 1)
 
 
+def soft_label_ceiling_by_iter(progress: float, start: float = 0.6, end: float = 0.2,
+                               end_at: float = 1.0) -> float:
+    """The ceiling t as a function of training progress (iterations done / all iterations).
+
+    t falls linearly from ``start`` at progress 0 to ``end`` at progress ``end_at`` and holds
+    there: with ``end_at < 1`` the last ``1 - end_at`` of training (the duplicate-removal
+    phase) still has learning rate to spend at the final t. ``end_at = 1`` is the release's
+    linear fall, continuous in the iteration instead of stepping once per epoch.
+    """
+    if end_at <= 0:
+        return end
+    return start + (end - start) * min(max(float(progress), 0.0) / end_at, 1.0)
+
+
 def _background(num_points: int, num_classes: int, ref: Tensor) -> Assignment:
     return Assignment(
         labels=torch.full((num_points,), num_classes, dtype=torch.int64, device=ref.device),

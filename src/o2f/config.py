@@ -38,6 +38,12 @@ class ModelConfig:
     soft_weight: float = 0.4
     t_start: float = 0.6
     t_end: float = 0.2
+    # Levers for duplicate removal (docs/ablation.md, "End to end in fact"); the defaults
+    # are the release's recipe.
+    t_schedule: str = "epoch"  # epoch: linear by epoch (release) | iter: by iteration
+    t_end_at: float = 1.0  # iter schedule: fraction of training where t reaches t_end, held
+    o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
+    max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss
     # inference (o2f-spec section 4)

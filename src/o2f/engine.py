@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from o2f import distributed as du
-from o2f.assign import soft_label_ceiling
+from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
 from o2f.config import Config, config_from_dict, save_config
 from o2f.data import build_dataset, collate_eval, collate_train
 from o2f.model.detector import O2F, create_model
@@ -317,6 +317,26 @@ def _autocast(device: torch.device, cfg: Config):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+def soft_label_phase(cfg: Config, epoch: int, iteration: int, iters_per_epoch: int
+                     ) -> tuple[float, bool]:
+    """The schedule the loss is given at ``epoch`` and global ``iteration``: the ceiling t
+    of the soft anchors' labels, and whether soft anchors exist at all (False in the last
+    phase set by ``model.o2o_from``, where they are plain negatives, as in o2o).
+
+    ``model.t_schedule="epoch"`` is the release's linear fall by epoch index; ``"iter"``
+    falls by iteration and reaches ``t_end`` at ``model.t_end_at`` of training.
+    """
+    m, epochs = cfg.model, cfg.train.epochs
+    progress = iteration / max(epochs * iters_per_epoch, 1)
+    if m.t_schedule == "epoch":
+        t = soft_label_ceiling(epoch, epochs, m.t_start, m.t_end)
+    elif m.t_schedule == "iter":
+        t = soft_label_ceiling_by_iter(progress, m.t_start, m.t_end, m.t_end_at)
+    else:
+        raise ValueError(f"model.t_schedule must be epoch or iter, got '{m.t_schedule}'")
+    return t, progress < m.o2o_from
+
+
 def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in t.items()} for t in targets]
@@ -385,7 +405,6 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
     for epoch in range(state.epoch, cfg.train.epochs):
         if state.global_iter >= stop_at:
             break
-        t = soft_label_ceiling(epoch, cfg.train.epochs, cfg.model.t_start, cfg.model.t_end)
         epoch_data.epoch = epoch
         batches = epoch_batches(image_sizes, cfg.train.batch_size, cfg.train.seed, epoch)
         todo = batches[state.iter_in_epoch:][:stop_at - state.global_iter]
@@ -398,6 +417,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True)
         for images, sizes, targets in bar:
             lr = base_lr(cfg) * lr_factor(state.global_iter, cfg, iters_per_epoch)
+            t, soft_anchors = soft_label_phase(cfg, epoch, state.global_iter,
+                                               iters_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)
@@ -405,7 +426,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             state.replaced_images += sum(int(tg.get("replaced", 0)) for tg in targets)
             try:
                 with _autocast(device, cfg):
-                    losses = net(images, targets, image_sizes=sizes, t=t)
+                    losses = net(images, targets, image_sizes=sizes, t=t,
+                                 soft_anchors=soft_anchors)
                 total = sum(losses.values())
             except torch.OutOfMemoryError as e:
                 raise OutOfMemoryHint(
@@ -441,7 +463,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             if state.global_iter % cfg.train.log_every == 0 or state.global_iter == stop_at:
                 events.write("log.jsonl", {
                     "iter": state.global_iter, "epoch": epoch + state.iter_in_epoch / len(
-                        batches), "lr": lr, "t": t, "loss": total.item(),
+                        batches), "lr": lr, "t": t, "soft_anchors": soft_anchors,
+                    "loss": total.item(),
                     **{k: v.item() for k, v in losses.items()},
                     "skipped_nonfinite": state.skipped_nonfinite,
                     "replaced_images": state.replaced_images}, state.global_iter)

@@ -147,20 +147,9 @@ class CondInstHead(O2FHead):
         nn.init.zeros_(self.controller.bias)
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        cls_all, box_all, obj_all, param_all = [], [], [], []
-        for feat, scale, stride in zip(feats, self.scales, self.strides, strict=True):
-            cls_feat = self.cls_tower(feat)
-            reg_feat = self.reg_tower(feat)
-            cls_all.append(self.cls_out(cls_feat).flatten(2))
-            box_all.append((torch.relu(scale(self.reg_out(reg_feat).float())) * stride)
-                           .flatten(2))
-            obj_all.append(self.obj_out(self.obj_tower(reg_feat)).flatten(2))
-            param_all.append(self.controller(reg_feat).flatten(2))
-        cls_logits = torch.cat(cls_all, 2).transpose(1, 2)
-        box_ltrb = torch.cat(box_all, 2).transpose(1, 2)
-        obj_logits = torch.cat(obj_all, 2)[:, 0]
-        params = torch.cat(param_all, 2).transpose(1, 2)
-        return cls_logits, box_ltrb, obj_logits, params
+        cls_logits, box_ltrb, obj_logits, reg_feats = self.forward_features(feats)
+        params = torch.cat([self.controller(f).flatten(2) for f in reg_feats], 2)
+        return cls_logits, box_ltrb, obj_logits, params.transpose(1, 2)
 
 
 @dataclass
@@ -234,7 +223,8 @@ class CondInst(O2F):
         self.head = CondInstHead(cfg.fpn_channels, cfg.num_classes, self.strides,
                                  num_params=self.mask_head.num_params,
                                  channels=cfg.head_channels, num_convs=cfg.head_convs,
-                                 obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs)
+                                 obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
+                                 max_filter=cfg.max_filter)
         self.mask_branch = MaskBranch(cfg.fpn_channels, cfg.mask_channels, cfg.mask_convs,
                                       cfg.mask_bases, min(cfg.mask_in_levels, cfg.num_levels))
         if self.strides[0] % MASK_STRIDE:
@@ -268,11 +258,11 @@ class CondInst(O2F):
                              mode="bilinear", align_corners=False)[0]
 
     # ------------------------------------------------------------------ training
-    def losses(self, out: InstanceHeadOutputs, targets: list[dict], t: float
-               ) -> dict[str, Tensor]:
+    def losses(self, out: InstanceHeadOutputs, targets: list[dict], t: float, *,
+               soft_anchors: bool = True) -> dict[str, Tensor]:
         """loss_cls, loss_box (GIoU x reg_weight) and loss_mask (Dice x mask_weight), all
         from one assignment."""
-        assignments = self.assign(out, targets, t)
+        assignments = self.assign(out, targets, t, soft_anchors=soft_anchors)
         losses = self.detection_losses(out, targets, assignments)
         losses["loss_mask"] = self.mask_loss(out, targets, assignments)
         return losses

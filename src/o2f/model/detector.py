@@ -60,6 +60,8 @@ class O2F(nn.Module):
         ``labels`` (G,) int64; optional ``ignore_boxes`` (K x 4).
       - ``t``: the soft-label ceiling (``o2f.assign.soft_label_ceiling(epoch, epochs)``);
         default ``cfg.t_end``.
+      - ``soft_anchors``: False makes the soft anchors plain negatives (the assignment keeps
+        one positive per object, as o2o): the last phase of ``model.o2o_from``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -71,7 +73,8 @@ class O2F(nn.Module):
         self.neck = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.num_levels)
         self.head = O2FHead(cfg.fpn_channels, cfg.num_classes, self.strides,
                             channels=cfg.head_channels, num_convs=cfg.head_convs,
-                            obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs)
+                            obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
+                            max_filter=cfg.max_filter)
 
     # ------------------------------------------------------------------ pre-processing
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None
@@ -108,7 +111,8 @@ class O2F(nn.Module):
         return HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, shapes)
 
     def forward(self, images: list[Tensor] | Tensor, targets: list[dict] | None = None, *,
-                image_sizes: list[tuple[int, int]] | None = None, t: float | None = None):
+                image_sizes: list[tuple[int, int]] | None = None, t: float | None = None,
+                soft_anchors: bool = True):
         factor = None
         if isinstance(images, Tensor) and images.dim() == 4:
             batch = images
@@ -123,7 +127,8 @@ class O2F(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            return self.losses(out, targets, self.cfg.t_end if t is None else t)
+            return self.losses(out, targets, self.cfg.t_end if t is None else t,
+                               soft_anchors=soft_anchors)
         return self.inference(out, image_sizes, factor, input_sizes)
 
     def inference(self, out: HeadOutputs, image_sizes: list[tuple[int, int]],
@@ -142,7 +147,8 @@ class O2F(nn.Module):
         return results
 
     # ------------------------------------------------------------------ training
-    def assign(self, out: HeadOutputs, targets: list[dict], t: float) -> list[Assignment]:
+    def assign(self, out: HeadOutputs, targets: list[dict], t: float, *,
+               soft_anchors: bool = True) -> list[Assignment]:
         cfg = self.cfg
         with torch.no_grad():
             prob = torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(
@@ -156,7 +162,7 @@ class O2F(nn.Module):
                     result.append(one_to_many(out.points, out.strides, gt_boxes, gt_labels,
                                               num_classes=cfg.num_classes, radius=cfg.radius))
                 else:
-                    k = 1 if cfg.assign == "o2o" else cfg.o2f_topk
+                    k = 1 if cfg.assign == "o2o" or not soft_anchors else cfg.o2f_topk
                     result.append(one_to_few(
                         out.points, out.strides, prob[i], pred_boxes[i], gt_boxes, gt_labels,
                         num_classes=cfg.num_classes, t=t, topk=k, alpha=cfg.alpha,
@@ -164,11 +170,13 @@ class O2F(nn.Module):
                         level_shapes=out.level_shapes))
         return result
 
-    def losses(self, out: HeadOutputs, targets: list[dict], t: float) -> dict[str, Tensor]:
+    def losses(self, out: HeadOutputs, targets: list[dict], t: float, *,
+               soft_anchors: bool = True) -> dict[str, Tensor]:
         """loss_cls (soft focal / focal), loss_box (GIoU x reg_weight), and for o2m loss_obj."""
         if self.cfg.assign not in ("o2f", "o2o", "o2m"):
             raise ValueError(f"model.assign must be o2f, o2o or o2m, got '{self.cfg.assign}'")
-        return self.detection_losses(out, targets, self.assign(out, targets, t))
+        return self.detection_losses(out, targets, self.assign(
+            out, targets, t, soft_anchors=soft_anchors))
 
     def detection_losses(self, out: HeadOutputs, targets: list[dict],
                          assignments: list[Assignment]) -> dict[str, Tensor]:

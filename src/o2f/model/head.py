@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -32,6 +33,41 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class MaxFilter3D(nn.Module):
+    """DeFCN's 3D max filtering (Wang et al., CVPR 2021), a layer of the network.
+
+    Per level l: a 3x3 conv of every level's map, then at each cell the maximum over its
+    ``kernel`` x ``kernel`` neighbourhood on level l and on the ``scales // 2`` levels on
+    either side (resampled bilinearly to level l's size), added to the input, GN, ReLU.
+    A cell whose neighbour (in space or scale) holds a stronger response learns to stay low
+    in the branch that reads this: the duplicate suppression NMS would do, learnt, and
+    part of the exported graph.
+
+    ``forward(feats)``: a list of (B, C, H_l, W_l) maps, P3 first; returns the same shapes.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3, scales: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = _gn(channels)
+        self.kernel, self.margin = kernel, scales // 2
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        maps = [self.conv(f) for f in feats]
+        out = []
+        for level, (feat, x) in enumerate(zip(feats, maps, strict=True)):
+            near = [x if k == level else
+                    F.interpolate(maps[k], size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+                    for k in range(max(0, level - self.margin),
+                                   min(len(maps), level + self.margin + 1))]
+            # The max over (scale, window) is the max over scales of the window's max.
+            peak = F.max_pool2d(torch.stack(near, 0).amax(0), self.kernel, stride=1,
+                                padding=self.kernel // 2)
+            out.append(torch.relu(self.norm(peak + feat)))
+        return out
+
+
 class O2FHead(nn.Module):
     """Shared head over P3-P7.
 
@@ -41,6 +77,8 @@ class O2FHead(nn.Module):
         in input pixels;
       - objectness branch on the reg tower output (``obj_convs`` x conv-GN-ReLU at
         ``obj_channels``) -> 3x3 conv to 1 logit. It has no loss of its own in o2f/o2o.
+        With ``max_filter`` the reg tower outputs pass through :class:`MaxFilter3D` (across
+        levels) before this branch, as DeFCN's filter branch does.
 
     ``forward(feats)`` returns, with N = sum_l H_l * W_l (level P3 first, row-major):
       cls_logits (B, N, C), box_ltrb (B, N, 4) pixels, obj_logits (B, N).
@@ -48,11 +86,13 @@ class O2FHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], *,
                  channels: int = 256, num_convs: int = 4, obj_channels: int = 64,
-                 obj_convs: int = 3, prior_prob: float = 0.01) -> None:
+                 obj_convs: int = 3, prior_prob: float = 0.01,
+                 max_filter: bool = False) -> None:
         super().__init__()
         self.num_classes, self.strides = num_classes, list(strides)
         self.cls_tower = _tower(in_channels, channels, num_convs)
         self.reg_tower = _tower(in_channels, channels, num_convs)
+        self.max_filter = MaxFilter3D(channels) if max_filter else None
         self.obj_tower = _tower(channels, obj_channels, obj_convs)
         self.cls_out = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.reg_out = nn.Conv2d(channels, 4, 3, padding=1)
@@ -65,18 +105,25 @@ class O2FHead(nn.Module):
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return self.forward_features(feats)[:3]
+
+    def forward_features(self, feats: list[Tensor]
+                         ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """:meth:`forward`'s outputs plus the reg tower's maps of each level (for heads
+        that read more off them)."""
         cls_all, box_all, obj_all = [], [], []
-        for feat, scale, stride in zip(feats, self.scales, self.strides, strict=True):
-            cls_feat = self.cls_tower(feat)
-            reg_feat = self.reg_tower(feat)
-            cls_all.append(self.cls_out(cls_feat).flatten(2))
+        reg_feats = [self.reg_tower(feat) for feat in feats]
+        obj_feats = self.max_filter(reg_feats) if self.max_filter is not None else reg_feats
+        for feat, reg_feat, obj_feat, scale, stride in zip(
+                feats, reg_feats, obj_feats, self.scales, self.strides, strict=True):
+            cls_all.append(self.cls_out(self.cls_tower(feat)).flatten(2))
             box_all.append((torch.relu(scale(self.reg_out(reg_feat).float())) * stride)
                            .flatten(2))
-            obj_all.append(self.obj_out(self.obj_tower(reg_feat)).flatten(2))
+            obj_all.append(self.obj_out(self.obj_tower(obj_feat)).flatten(2))
         cls_logits = torch.cat(cls_all, 2).transpose(1, 2)
         box_ltrb = torch.cat(box_all, 2).transpose(1, 2)
         obj_logits = torch.cat(obj_all, 2)[:, 0]
-        return cls_logits, box_ltrb, obj_logits
+        return cls_logits, box_ltrb, obj_logits, reg_feats
 
 
 def make_points(shapes: list[tuple[int, int]], strides: list[int], device: torch.device,

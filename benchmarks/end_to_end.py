@@ -1,0 +1,114 @@
+"""End to end in fact: how much NMS still adds to o2f, under the release's recipe and under
+each lever that targets the remaining duplicates (docs/ablation.md, "End to end in fact").
+
+    python benchmarks/end_to_end.py --budget 1 [--classes 1] [--variant crowd] [--jobs 3]
+        [--levers release t_end0 ...] [--out runs/e2e]
+
+Each lever is one run of ``benchmarks/ablation.py --modes o2f`` with its own ``--set``
+overrides (same data, seed, data order and iterations as the release's recipe); runs
+whose results exist are not trained again. ``--jobs`` runs several at once, one thread
+each (on a small shared machine that is faster overall than one run on all cores). Prints
+and writes ``end_to_end_<variant><classes>_x<budget>.md``: AP without and with NMS, the
+AP gained by NMS, duplicates per image (score >= 0.3) without and with NMS, and how the
+model's scores at its certain positives and soft anchors ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (what it changes, overrides); "release" is the recipe of the authors' code.
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "release": ("release recipe (t 0.6 -> 0.2 by epoch)", []),
+    "tend0": ("t ends at 0 instead of 0.2", ["model.t_end=0.0"]),
+    "iter50": ("t by iteration, reaches 0.2 at half of training and holds",
+               ["model.t_schedule=iter", "model.t_end_at=0.5"]),
+    "o2o75": ("soft anchors are negatives in the last quarter", ["model.o2o_from=0.75"]),
+    "mf": ("3D max filter on the objectness branch", ["model.max_filter=true"]),
+    "combo": ("3D max filter + t by iteration to 0 at half of training",
+              ["model.max_filter=true", "model.t_schedule=iter", "model.t_end_at=0.5",
+               "model.t_end=0.0"]),
+}
+
+
+def run_dir(out: Path, variant: str, classes: int, lever: str, budget: float) -> Path:
+    return out / f"{variant[0]}{classes}_{lever}_x{budget:g}"
+
+
+def launch(out: Path, variant: str, classes: int, lever: str, budget: float
+           ) -> subprocess.Popen:
+    work = run_dir(out, variant, classes, lever, budget)
+    cmd = [sys.executable, str(Path(__file__).with_name("ablation.py")), "--out", str(work),
+           "--modes", "o2f", "--budget", f"{budget:g}", "--classes", str(classes),
+           "--variant", variant]
+    if LEVERS[lever][1]:
+        cmd += ["--set", *LEVERS[lever][1]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = open(f"{work}.log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def table(out: Path, variant: str, classes: int, levers: list[str], budget: float) -> str:
+    lines = ["| lever | epochs | AP | AP + NMS | AP gained by NMS | duplicates / image | "
+             "duplicates + NMS | median p certain | median p soft (target) | "
+             "soft anchors at p >= 0.3 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for lever in levers:
+        path = run_dir(out, variant, classes, lever, budget) / "results.json"
+        if not path.exists():
+            lines.append(f"| {LEVERS[lever][0]} | - | not run | | | | | | | |")
+            continue
+        result = json.loads(path.read_text())
+        row = result["rows"][0]
+        nms, soft = row["with_nms"], row.get("soft_anchors", {})
+        lines.append(
+            f"| {LEVERS[lever][0]} | {result['epochs']} | {row['AP']:.3f} | {nms['AP']:.3f} | "
+            f"{row['AP_gained_by_nms']:+.3f} | {row['duplicates_per_image']:.2f} | "
+            f"{nms['duplicates_per_image']:.2f} | {soft.get('median_certain', 0):.2f} | "
+            f"{soft.get('median_soft', 0):.2f} ({soft.get('median_soft_target', 0):.2f}) | "
+            f"{soft.get('soft_at_or_above_score', 0):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/e2e")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="multiplies the digits preset's 8 epochs")
+    parser.add_argument("--classes", type=int, choices=[1, 10], default=1)
+    parser.add_argument("--variant", choices=["crowd", "sparse"], default="crowd")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    parser.add_argument("--collect", action="store_true",
+                        help="only print the table of the runs already done")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not args.collect:
+        todo = [lever for lever in args.levers if not (run_dir(
+            out, args.variant, args.classes, lever, args.budget) / "results.json").exists()]
+        running: list[subprocess.Popen] = []
+        while todo or running:
+            while todo and len(running) < max(args.jobs, 1):
+                running.append(launch(out, args.variant, args.classes, todo.pop(0),
+                                      args.budget))
+            time.sleep(5)
+            for proc in [p for p in running if p.poll() is not None]:
+                running.remove(proc)
+                if proc.returncode:
+                    print(f"a run failed ({proc.args[3]}.log): exit {proc.returncode}")
+    text = table(out, args.variant, args.classes, args.levers, args.budget)
+    name = f"end_to_end_{args.variant}{args.classes}_x{args.budget:g}.md"
+    (out / name).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

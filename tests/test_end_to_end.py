@@ -1,0 +1,148 @@
+"""The levers against o2f's remaining duplicates (docs/ablation.md, "End to end in fact"):
+the ceiling's schedule by iteration, the last phase without soft anchors and the 3D max
+filter. Each on hand-worked values; the release's recipe stays the default."""
+
+import pytest
+import torch
+from torch import nn
+
+from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
+from o2f.config import load_config
+from o2f.engine import soft_label_phase
+from o2f.model.detector import O2F
+from o2f.model.head import MaxFilter3D
+
+
+def test_ceiling_by_iteration_falls_to_its_end_at_the_given_fraction_and_holds():
+    # 0.6 -> 0.0 over the first half: 0.6 - 1.2 * progress, then 0.
+    assert soft_label_ceiling_by_iter(0.0, 0.6, 0.0, 0.5) == pytest.approx(0.6)
+    assert soft_label_ceiling_by_iter(0.25, 0.6, 0.0, 0.5) == pytest.approx(0.3)
+    assert soft_label_ceiling_by_iter(0.5, 0.6, 0.0, 0.5) == pytest.approx(0.0)
+    assert soft_label_ceiling_by_iter(0.9, 0.6, 0.0, 0.5) == pytest.approx(0.0)
+    # end_at = 1: a continuous version of the release's fall, 0.6 -> 0.2.
+    assert soft_label_ceiling_by_iter(0.5, 0.6, 0.2, 1.0) == pytest.approx(0.4)
+    assert soft_label_ceiling_by_iter(1.0, 0.6, 0.2, 1.0) == pytest.approx(0.2)
+    assert soft_label_ceiling_by_iter(0.3, 0.6, 0.2, 0.0) == pytest.approx(0.2)
+
+
+def test_default_schedule_is_the_releases_by_epoch():
+    cfg = load_config("digits", ["train.epochs=5"])  # t: 0.6, 0.5, 0.4, 0.3, 0.2
+    per_epoch = 10
+    for it in range(50):
+        t, soft = soft_label_phase(cfg, it // per_epoch, it, per_epoch)
+        assert t == pytest.approx(soft_label_ceiling(it // per_epoch, 5))
+        assert t == pytest.approx(0.6 - 0.1 * (it // per_epoch))
+        assert soft
+
+
+def test_iteration_schedule_and_the_last_phase_without_soft_anchors():
+    cfg = load_config("digits", ["train.epochs=4", "model.t_schedule=iter",
+                                 "model.t_end_at=0.5", "model.t_end=0.0",
+                                 "model.o2o_from=0.75"])
+    per_epoch = 10  # 40 iterations: t falls by 0.03 per iteration until iteration 20
+    phases = [soft_label_phase(cfg, it // per_epoch, it, per_epoch) for it in range(40)]
+    assert phases[0][0] == pytest.approx(0.6)
+    assert phases[5][0] == pytest.approx(0.45)
+    assert phases[19][0] == pytest.approx(0.03)
+    assert all(t == pytest.approx(0.0) for t, _ in phases[20:])
+    assert [soft for _, soft in phases] == [True] * 30 + [False] * 10
+    with pytest.raises(ValueError, match="t_schedule"):
+        soft_label_phase(load_config("digits", ["model.t_schedule=cosine"]), 0, 0, 10)
+
+
+def _scene():
+    torch.manual_seed(0)
+    cfg = load_config("digits", ["model.num_classes=3"]).model
+    model = O2F(cfg)
+    images = torch.randn(2, 3, 128, 160)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 120.0, 100.0]]),
+                "labels": torch.tensor([0, 2])},
+               {"boxes": torch.tensor([[20.0, 20.0, 90.0, 110.0]]), "labels": torch.tensor([1])}]
+    return model, images, targets
+
+
+def test_without_soft_anchors_the_assignment_is_o2os():
+    model, images, targets = _scene()
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    o2f = model.assign(out, targets, 0.4)
+    last_phase = model.assign(out, targets, 0.4, soft_anchors=False)
+    model.cfg.assign = "o2o"
+    o2o = model.assign(out, targets, 0.4)
+    for a, b, c in zip(o2f, last_phase, o2o, strict=True):
+        assert int(a.positive.sum()) > int(b.positive.sum())  # o2f had soft anchors
+        assert torch.equal(b.gt_index, c.gt_index)
+        assert torch.equal(b.soft_labels, c.soft_labels)
+        assert set(b.weights[b.positive].tolist()) == {1.0}
+    # and the training forward passes the switch through to the loss
+    model.cfg.assign = "o2f"
+    model.train()
+    a = model(images, targets, t=0.4, soft_anchors=False)
+    model.cfg.assign = "o2o"
+    b = model(images, targets, t=0.4)
+    assert torch.allclose(a["loss_cls"], b["loss_cls"]) and torch.allclose(
+        a["loss_box"], b["loss_box"])
+
+
+def test_max_filter_takes_the_maximum_over_space_and_neighbouring_levels():
+    mf = MaxFilter3D(4)
+    with torch.no_grad():  # conv = identity, so the filter's arithmetic shows
+        mf.conv.weight.zero_()
+        mf.conv.bias.zero_()
+        for c in range(4):
+            mf.conv.weight[c, c, 1, 1] = 1.0
+    mf.norm = nn.Identity()
+    p3 = torch.zeros(1, 4, 4, 4)
+    p3[0, :, 1, 1] = 5.0
+    p4 = torch.zeros(1, 4, 2, 2)
+    p5 = torch.full((1, 4, 1, 1), 7.0)  # two levels away from P3: out of its reach
+    out3, out4, out5 = mf([p3, p4, p5])
+    expected3 = torch.zeros(4, 4)
+    expected3[0:3, 0:3] = 5.0  # the 3x3 window around the peak
+    expected3[1, 1] = 10.0  # plus the input itself
+    assert torch.equal(out3[0, 0], expected3)
+    # P4 sees P3 resampled to 2x2 (the peak's bilinear share: 5 / 4) and P5 (7 everywhere)
+    assert torch.allclose(out4, torch.full_like(out4, 7.0))
+    # P5 sees P4 (P3's 1.25 after resampling, and 0s) and itself: 7 + 7
+    assert torch.allclose(out5, torch.full_like(out5, 14.0))
+    out3_alone, = mf([p3])
+    p4_alone, _ = mf([p3, p4])
+    assert torch.equal(out3_alone, p4_alone)  # P3's neighbours: P4 below 5 changes nothing
+    _, out4_no_p5 = mf([p3, p4])
+    assert torch.allclose(out4_no_p5, torch.full_like(out4_no_p5, 1.25))
+
+
+def test_max_filter_is_an_option_of_the_head_and_changes_only_the_objectness():
+    torch.manual_seed(0)
+    plain = O2F(load_config("digits").model).eval()
+    torch.manual_seed(0)
+    filtered = O2F(load_config("digits", ["model.max_filter=true"]).model).eval()
+    assert plain.head.max_filter is None and isinstance(filtered.head.max_filter, MaxFilter3D)
+    extra = set(filtered.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("head.max_filter.") for k in extra)
+    filtered.load_state_dict({**filtered.state_dict(), **plain.state_dict()})
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = plain.forward_dense(x), filtered.forward_dense(x)
+    assert torch.equal(a.cls_logits, b.cls_logits) and torch.equal(a.box_ltrb, b.box_ltrb)
+    assert not torch.allclose(a.obj_logits, b.obj_logits)
+
+
+def test_exported_graph_with_the_max_filter_has_no_nms(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from o2f.export import OnnxDetector, export_onnx, onnx_ops
+
+    torch.manual_seed(0)
+    model = O2F(load_config("digits", ["model.max_filter=true", "model.num_classes=2"]).model)
+    model.eval()
+    nn.init.normal_(model.head.cls_out.weight, std=0.5)
+    path = export_onnx(model, tmp_path / "mf.onnx", size=(128, 160), dynamic=True)
+    ops = onnx_ops(path)
+    assert "NonMaxSuppression" not in ops and "MaxPool" in ops
+    images = [torch.rand(3, 130, 150)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    got = OnnxDetector(path)(images)[0]
+    np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
