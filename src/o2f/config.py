@@ -31,7 +31,7 @@ class ModelConfig:
     head_convs: int = 4
     obj_channels: int = 64
     obj_convs: int = 3
-    # one-to-few assignment (o2f-spec section 2)
+    # one-to-few assignment (docs/algorithm.md section 2)
     assign: str = "o2f"  # o2f | o2o | o2m
     o2f_topk: int = 7
     alpha: float = 0.8
@@ -41,7 +41,7 @@ class ModelConfig:
     t_end: float = 0.2
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss
-    # inference (o2f-spec section 4)
+    # inference (docs/algorithm.md section 4)
     score_thresh: float = 0.05
     pre_topk: int = 1000
     topk: int = 100  # detections per image
@@ -51,7 +51,7 @@ class ModelConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisible: int = 32
-    # instance segmentation (CondInst + O2F, o2f-spec section 7; used when task="instance")
+    # instance segmentation (CondInst + O2F, docs/algorithm.md section 7; used when task="instance")
     task: str = "detection"  # detection | instance
     mask_channels: int = 128  # width of the mask branch's convs
     mask_convs: int = 4  # 3x3 conv-BN-ReLU layers of the mask branch after the fusion
