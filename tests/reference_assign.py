@@ -1,6 +1,6 @@
 """A straightforward per-gt loop implementation of the one-to-few assignment.
 
-Written for comparison only (tests and the assigner benchmark): it follows o2f-spec
+Written for comparison only (tests and the assigner benchmark): it follows docs/algorithm.md
 section 2 line by line, one ground-truth box at a time.
 """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import o2f
-from o2f.bench import format_report, run_bench
+from o2f.bench import count_flops, format_report, run_bench
 
 
 def test_fuse_batchnorm_keeps_the_outputs():
@@ -27,12 +27,42 @@ def test_fuse_batchnorm_keeps_the_outputs():
         model.train().fuse_batchnorm()
 
 
+def test_count_flops_matches_a_count_of_every_convolution():
+    model = o2f.build_model("digits", num_classes=10).eval()
+    images = [torch.rand(3, 96, 160)]
+    by_hand = []
+
+    def conv_flops(m, inputs, out):  # 2 x multiply-adds of each output element
+        c_in = m.in_channels // m.groups
+        by_hand.append(2 * c_in * m.kernel_size[0] * m.kernel_size[1] * out.numel())
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(conv_flops)
+    flops = count_flops(model, images)
+    assert len(by_hand) > 20  # backbone, FPN, and the head once per level
+    # the digits model has convolutions only (no linear layers): the counts agree exactly
+    assert flops == sum(by_hand)
+
+
 @pytest.mark.slow
 def test_bench_reports_every_figure(tmp_path):
     report = run_bench("digits", size=(128, 160), repeats=1, work_dir=tmp_path)
     for key in ("o2f_eager_s", "o2f_onnx_s", "fcos_eager_s", "o2f_post_s", "fcos_post_s",
                 "o2f_flops", "fcos_flops", "matmul_gflops"):
         assert report[key] > 0, key
-    assert report["fcos_flops"] > report["o2f_flops"]  # R-50 FCOS vs the tiny digits model
+    # the whole forward includes its post-processing; neither returns more than its top-k
+    assert report["o2f_eager_s"] > report["o2f_post_s"]
+    assert report["fcos_eager_s"] > report["fcos_post_s"]
+    assert report["o2f_detections"] <= 100 and report["fcos_detections"] <= 100
+    # convolution FLOPs grow with the pixels: twice the side, four times the FLOPs
+    double = run_bench("digits", size=(256, 320), repeats=1, onnx=False, fcos=False,
+                       work_dir=tmp_path)
+    assert double["o2f_flops"] / report["o2f_flops"] == pytest.approx(4, rel=0.03)
+    assert "fcos_eager_s" not in double and "o2f_onnx_s" not in double
+    # the report prints the measured figures, and ratios computed from them
     text = format_report(report)
-    assert "ratios vs FCOS eager" in text and "GFLOP/s" in text
+    assert f"{report['o2f_eager_s'] * 1e3:9.1f} ms" in text
+    assert f"{report['o2f_flops'] / 1e9:7.1f} GFLOP" in text
+    ratio = report["o2f_eager_s"] / report["fcos_eager_s"]
+    assert f"ratios vs FCOS eager: o2f eager {ratio:.3f}" in text

@@ -133,7 +133,8 @@ def test_degenerate_boxes_dropped_with_one_warning(tmp_path):
 
 def test_validate_returns_json(simple):
     data = validate_coco(*simple)
-    assert {"images", "annotations", "categories"} <= set(data)
+    assert data == json.loads(simple[0].read_text())  # the file's content, untouched
+    assert [a["bbox"] for a in data["annotations"]][:2] == [[10, 10, 20, 10], [0, 0, 5, 5]]
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -183,6 +184,20 @@ def test_bbox_not_four_numbers(tmp_path):
     path, img_dir = write_coco(tmp_path, [(1, "a.png", 8, 8)], anns)
     with pytest.raises(DatasetError, match=r"2 annotations whose bbox is not 4 .*ids 7, 8"):
         validate_coco(path, img_dir)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_bbox_with_nan_or_inf(tmp_path, bad):
+    # Python's json module writes and reads NaN / Infinity, so such files exist
+    anns = [ann(1, 1, 3, [0, 0, 2, 2]), {**ann(4, 1, 3, [0, 0, 2, 2]), "bbox": [1, 1, bad, 2]},
+            {**ann(6, 1, 3, [0, 0, 2, 2]), "bbox": [bad, 0, 2, 2]}]
+    path, img_dir = write_coco(tmp_path, [(1, "a.png", 8, 8)], anns)
+    assert str(bad).lstrip("-") in ("nan", "inf") and ("NaN" in path.read_text()
+                                                       or "Infinity" in path.read_text())
+    with pytest.raises(DatasetError, match=r"2 annotations whose bbox is not 4 .*ids 4, 6"):
+        validate_coco(path, img_dir)
+    with pytest.raises(DatasetError, match="ids 4, 6"):
+        CocoDetection(path, img_dir, train=True)
 
 
 def test_missing_images_listed(tmp_path):

@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from o2f.cli import main
 from o2f.convert import map_key, safe_load
 from o2f.engine import load_checkpoint, model_from_checkpoint
-from o2f.model.detector import O2F
 
 
 def release_keys_r50(num_classes=80):
@@ -107,21 +107,71 @@ def test_convert_maps_every_key_and_keeps_the_outputs(release_file, tmp_path, ca
     printed = capsys.readouterr().out
     assert "mmcv.utils.config.ConfigDict" in printed and "not used" not in printed
     ours = load_checkpoint(out)["model"]
-    assert {map_key(k) for k in state} == set(ours)  # one to one, nothing left over
-    for k, v in state.items():
-        torch.testing.assert_close(ours[map_key(k)], v, rtol=0, atol=0)
+    assert len(ours) == len(state) and {map_key(k) for k in state} == set(ours)
+    # spelled out by hand, one or two of each kind: a swap of same-shaped tensors (the two
+    # towers, two FPN levels, P6 and P7, two tower layers) would break these
+    by_hand = {
+        "backbone.conv1.weight": "backbone.stem.0.weight",
+        "backbone.bn1.running_var": "backbone.stem.1.running_var",
+        "backbone.layer3.5.conv2.weight": "backbone.layer3.5.conv2.weight",
+        "backbone.layer4.0.downsample.1.bias": "backbone.layer4.0.downsample.1.bias",
+        "neck.lateral_convs.0.conv.weight": "neck.fpn.inner_blocks.0.0.weight",
+        "neck.lateral_convs.2.conv.bias": "neck.fpn.inner_blocks.2.0.bias",
+        "neck.fpn_convs.1.conv.weight": "neck.fpn.layer_blocks.1.0.weight",
+        "neck.fpn_convs.2.conv.weight": "neck.fpn.layer_blocks.2.0.weight",
+        "neck.fpn_convs.3.conv.weight": "neck.fpn.extra_blocks.p6.weight",
+        "neck.fpn_convs.4.conv.bias": "neck.fpn.extra_blocks.p7.bias",
+        "bbox_head.cls_convs.0.conv.weight": "head.cls_tower.0.weight",
+        "bbox_head.cls_convs.0.gn.weight": "head.cls_tower.1.weight",
+        "bbox_head.cls_convs.3.conv.bias": "head.cls_tower.9.bias",
+        "bbox_head.reg_convs.0.conv.weight": "head.reg_tower.0.weight",
+        "bbox_head.reg_convs.2.gn.bias": "head.reg_tower.7.bias",
+        "bbox_head.centerness_convs.2.conv.weight": "head.obj_tower.6.weight",
+        "bbox_head.conv_cls.bias": "head.cls_out.bias",
+        "bbox_head.conv_reg.weight": "head.reg_out.weight",
+        "bbox_head.conv_centerness.weight": "head.obj_out.weight",
+        "bbox_head.scales.0.scale": "head.scales.0.scale",
+        "bbox_head.scales.4.scale": "head.scales.4.scale",
+    }
+    for release, our in by_hand.items():
+        assert torch.equal(ours[our], state[release]), (release, our)
 
-    # the converted model computes what a model holding those weights directly computes
+    # the converted head computes what the release's head computes, written here from the
+    # release's keys: towers of (conv, GroupNorm(32), ReLU), distances relu(scale * x) * stride
     model, cfg, ckpt = model_from_checkpoint(out)
     assert cfg.model.num_classes == 80 and ckpt["class_names"][3] == "class3"
-    reference = O2F(cfg.model).eval()
-    reference.load_state_dict({map_key(k): v for k, v in state.items()})
-    image = [torch.rand(3, 96, 128)]
+    batch = model.preprocess([torch.rand(3, 96, 128)])[0]
+
+    def tower(x, name, depth):
+        for i in range(depth):
+            x = F.conv2d(x, state[f"bbox_head.{name}.{i}.conv.weight"],
+                         state[f"bbox_head.{name}.{i}.conv.bias"], padding=1)
+            x = F.group_norm(x, 32, state[f"bbox_head.{name}.{i}.gn.weight"],
+                             state[f"bbox_head.{name}.{i}.gn.bias"])
+            x = F.relu(x)
+        return x
+
+    def conv(x, name):
+        return F.conv2d(x, state[f"bbox_head.{name}.weight"], state[f"bbox_head.{name}.bias"],
+                        padding=1).flatten(2)
+
     with torch.no_grad():
-        a, b = model.forward_dense(model.preprocess(image)[0]), reference.forward_dense(
-            reference.preprocess(image)[0])
-    torch.testing.assert_close(a.cls_logits, b.cls_logits, rtol=0, atol=0)
-    torch.testing.assert_close(a.box_ltrb, b.box_ltrb, rtol=0, atol=0)
+        feats = model.neck(model.backbone(batch))
+        out_dense = model.forward_dense(batch)
+        start = 0
+        for level, (feat, stride) in enumerate(zip(feats, (8, 16, 32, 64, 128), strict=True)):
+            n = feat.shape[-2] * feat.shape[-1]
+            reg = tower(feat, "reg_convs", 4)
+            cls = conv(tower(feat, "cls_convs", 4), "conv_cls").transpose(1, 2)
+            box = (F.relu(state[f"bbox_head.scales.{level}.scale"] * conv(reg, "conv_reg"))
+                   * stride).transpose(1, 2)
+            obj = conv(tower(reg, "centerness_convs", 3), "conv_centerness").transpose(1, 2)
+            got = slice(start, start + n)
+            torch.testing.assert_close(out_dense.cls_logits[:, got], cls, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out_dense.box_ltrb[:, got], box, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out_dense.obj_logits[:, got].reshape(obj.shape), obj,
+                                       rtol=1e-4, atol=1e-5)
+            start += n
 
 
 def test_a_payload_calling_os_is_refused_before_anything_runs(tmp_path):

@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from o2f.cli import main
 from o2f.data.digits import make_digits
+from o2f.evaluation import crowdhuman_evaluate
 
 
 def test_train_and_evaluate_on_odgt_digits(tmp_path):
@@ -32,7 +35,18 @@ def test_train_and_evaluate_on_odgt_digits(tmp_path):
                  str(metrics_out), "--results-out", str(dets_out)]) == 0
     metrics = json.loads(metrics_out.read_text())
     assert metrics == {k: record[k] for k in ("AP", "MR", "recall", "JI")}
-    first = json.loads(dets_out.read_text().splitlines()[0])
-    assert {"ID", "dtboxes"} <= set(first)
+    # the written detections are the ones scored: one record per val image (named as in
+    # the ground truth), boxes x, y, w, h, and scoring the file again gives the metrics
+    records = [json.loads(x) for x in dets_out.read_text().splitlines()]
+    gt_ids = [json.loads(x)["ID"] for x in paths["val_annotations"].read_text().splitlines()]
+    assert sorted(r["ID"] for r in records) == sorted(gt_ids)
+    boxes = [d["box"] for r in records for d in r["dtboxes"]]
+    assert boxes and all(len(b) == 4 and b[2] >= 0 and b[3] >= 0 for b in boxes)
+    assert len(boxes) <= 500 * len(records)  # model.topk per image
+    again = crowdhuman_evaluate(paths["val_annotations"], dets_out)
+    assert again == pytest.approx(metrics, abs=1e-6)
     assert main(["predict", "--checkpoint", str(work / "last.pt"),
                  str(paths["val_images"]), "--out", str(tmp_path / "pred")]) == 0
+    predicted = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert sorted(r["file"] for r in predicted) == sorted(
+        str(f) for f in paths["val_images"].glob("*.png"))  # train and val share Images/

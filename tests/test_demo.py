@@ -1,9 +1,12 @@
 """The demo path (what `make demo` runs), for a few iterations."""
 
+import json
+
 import yaml
 
 from o2f.data.digits import make_digits
 from o2f.demo import DEMO_EPOCHS, run_demo
+from o2f.engine import load_checkpoint
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -11,14 +14,28 @@ def test_demo_smoke(tmp_path, capsys):
     make_digits(data, variant="sparse", num_train=8, num_val=4, progress=False)
     metrics = run_demo(tmp_path / "demo", data_dir=data, num_pictures=2, overrides=[
         "train.max_iters=3", "train.batch_size=4", "data.num_workers=0"])
-    assert set(metrics) >= {"AP", "AP50"}
     out = tmp_path / "demo"
-    assert (out / "last.pt").exists() and (out / "curves.png").stat().st_size > 1000
-    assert len(list((out / "predictions").glob("*.png"))) == 2
+    # the returned metrics are the evaluation the run logged, of 3 training iterations
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics == {k: v for k, v in record.items() if k != "epoch"}
+    assert load_checkpoint(out / "last.pt")["state"]["global_iter"] == 3
+    assert (out / "curves.png").stat().st_size > 1000
+    # pictures of the first val images, and their detections
+    assert sorted(p.name for p in (out / "predictions").glob("*.png")) == [
+        "val_000000.png", "val_000001.png"]
+    assert len(json.loads((out / "predictions" / "detections.json").read_text())) == 2
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["name"] == "digits" and config["train"]["epochs"] == DEMO_EPOCHS
+    assert config["data"]["train"]["ann_file"] == str(data / "annotations/train.json")
     printed = capsys.readouterr().out
-    assert "demo finished" in printed and str(out / "curves.png") in printed
+    assert f"box AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f}" in printed
+    assert str(out / "curves.png") in printed
+
+    # a second demo in the same folder starts afresh instead of resuming the first
+    run_demo(out, data_dir=data, num_pictures=1, overrides=[
+        "train.max_iters=2", "train.batch_size=4", "data.num_workers=0"])
+    logged = [json.loads(x)["iter"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == [2] and load_checkpoint(out / "last.pt")["state"]["global_iter"] == 2
 
 
 def test_demo_epochs_and_overrides(tmp_path):

@@ -65,6 +65,13 @@ def test_resume_continues_exactly(rectangles, tmp_path):
     assert load_checkpoint(split / "last.pt")["state"]["epoch"] == 1
     assert main(["train", "--config", "digits", "--work-dir", str(split), "--resume",
                  *sets(overrides)]) == 0
+    # the second run started where the first stopped: it logged only the second epoch's
+    # iterations (log_every=2), and said so
+    logged = [json.loads(x)["iter"] for x in (split / "log.jsonl").read_text().splitlines()]
+    first_run = list(range(2, iters_per_epoch + 1, 2))
+    assert logged == first_run + [i + iters_per_epoch for i in first_run]
+    assert "at epoch 1, iteration 0 of the epoch" in (split / "train.log").read_text()
+    assert load_checkpoint(split / "last.pt")["state"]["global_iter"] == 2 * iters_per_epoch
     a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(split / "last.pt")["model"]
     assert a.keys() == b.keys()
     for key in a:

@@ -41,21 +41,32 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(data, tmp
     proc = subprocess.Popen(train_cmd(work, overrides), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    state = None
+    mid_epoch = False
     while time.time() < deadline and proc.poll() is None:
         try:  # wait until a checkpoint in the middle of epoch 2 exists
             state = load_checkpoint(work / "last.pt")["state"]
         except Exception:
             state = None
         if state and state["epoch"] == 1 and state["iter_in_epoch"] >= 2:
+            mid_epoch = True
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert mid_epoch, "no checkpoint in the middle of epoch 2 before the deadline or the end"
     killed_at = load_checkpoint(work / "last.pt")["state"]
-    assert killed_at["global_iter"] < 18, "the run finished before it could be killed"
+    iters_per_epoch = 6  # 24 images, 4 per batch
+    assert killed_at["epoch"] == 1 and 2 <= killed_at["iter_in_epoch"] < iters_per_epoch, (
+        f"the kill did not land mid-epoch: {killed_at}")
+    log_file = work / "log.jsonl"
+    logged_before = len(log_file.read_text().splitlines())
     subprocess.run(train_cmd(work, overrides, resume=True), check=True, capture_output=True,
                    env=env, timeout=600)
+    # the resumed run went on from the killed run's checkpoint instead of starting over
+    resumed = [json.loads(x)["iter"] for x in log_file.read_text().splitlines()[logged_before:]]
+    start = killed_at["global_iter"]
+    assert resumed == list(range(start + 2 - start % 2, 3 * iters_per_epoch + 1, 2)), (
+        start, resumed)
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(work / "last.pt")
     assert a["state"] == b["state"]

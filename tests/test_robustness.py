@@ -1,5 +1,7 @@
 """What a user sees on bad configs, bad checkpoints and resource exhaustion."""
 
+import re
+
 import pytest
 import torch
 from conftest import rect_overrides
@@ -61,3 +63,29 @@ def test_out_of_memory_gives_a_hint(rectangles, tmp_path, monkeypatch):
     cfg = load_config("digits", rect_overrides(rectangles, **{"train.eval_every": 0}))
     with pytest.raises(OutOfMemoryHint, match=r"iteration 0 .*lower train.batch_size"):
         train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.max_iters=abc", "'train.max_iters' expects a int or null, got 'abc'"),
+    ("train.grad_clip=high", "'train.grad_clip' expects a float or null, got 'high'"),
+    ("model.nms=sometimes", "'model.nms' expects a bool or null, got 'sometimes'"),
+    ("model.norm_eval=2", "'model.norm_eval' expects a bool or null, got 2"),
+    ("model.backbone_weights=[1]", "'model.backbone_weights' expects a str or null"),
+    ("model.num_classes=null", "'model.num_classes' expects a int, got None"),
+    ("train.epochs=2.5", "'train.epochs' expects a int, got 2.5"),
+    ("model.backbone=50", "'model.backbone' expects a str, got 50"),
+    ("data.min_size=[640, big]", "'data.min_size' expects a list"),
+])
+def test_every_key_checks_its_type_optional_ones_too(item, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("r50_1x", [item])
+
+
+def test_optional_keys_take_null_or_their_type():
+    cfg = load_config("r50_1x", ["train.max_iters=7", "train.grad_clip=1", "model.nms=false",
+                                 "model.backbone_weights=null", "train.lr=1e-3"])
+    assert (cfg.train.max_iters, cfg.train.grad_clip, cfg.model.nms) == (7, 1.0, False)
+    assert isinstance(cfg.train.grad_clip, float) and cfg.model.backbone_weights is None
+    assert cfg.train.lr == 1e-3  # YAML reads 1e-3 as a string; it still is a float
+    cfg = load_config("r50_1x", ["train.max_iters=null", "model.nms=null"])
+    assert cfg.train.max_iters is None and cfg.model.nms is None

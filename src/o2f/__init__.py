@@ -1,8 +1,9 @@
 """o2f: One-to-Few label assignment for end-to-end dense detection, in plain PyTorch."""
 
-from o2f import assign, losses
+from o2f import assign, evaluation, losses
 from o2f.config import Config, load_config
 from o2f.model.detector import O2F, build_model
 
 __version__ = "0.1.0"
-__all__ = ["O2F", "Config", "assign", "build_model", "load_config", "losses", "__version__"]
+__all__ = ["O2F", "Config", "assign", "build_model", "evaluation", "load_config", "losses",
+           "__version__"]

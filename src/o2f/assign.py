@@ -155,7 +155,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
                soft_weight: float = 0.4,
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
-    """One-to-few assignment of one image (o2f-spec section 2).
+    """One-to-few assignment of one image (docs/algorithm.md section 2).
 
     points (N, 2) and strides (N,) of the cells; cls_prob (N, C) the joint score
     p = sigmoid(cls) * sigmoid(obj); pred_boxes (N, 4) decoded predictions; gt_boxes (G, 4);
@@ -222,7 +222,7 @@ def level_ranges(strides: Tensor, ranges: tuple[float, ...] = (64, 128, 256, 512
 
 def one_to_many(points: Tensor, strides: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *,
                 num_classes: int, radius: float = 1.5) -> Assignment:
-    """FCOS one-to-many assignment (the o2m baseline, o2f-spec section 6).
+    """FCOS one-to-many assignment (the o2m baseline, docs/algorithm.md section 6).
 
     Every point inside a gt's centre region whose largest distance to the box sides lies in
     its level's size range is a hard positive (label 1, weight 1) of the smallest such gt.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import o2f
 
@@ -15,8 +17,61 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 def _add_config(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required,
                    help="preset name (r50_1x, digits, ...) or a YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.lr=0.02 train.epochs=24 "
+                        "(repeatable)")
+
+
+# What to do when a preset's own data paths are missing.
+_DIGITS_HINT = "generate the digits dataset with `o2f data digits --out data/digits`"
+_COCO_HINT = ("lay COCO out under data/coco/ as the README shows, or point "
+              "data.train / data.val at your own annotation file and image folder")
+DATA_HINTS = {"digits": _DIGITS_HINT, "digits_instance": _DIGITS_HINT,
+              "crowdhuman_r50": "put annotation_train.odgt, annotation_val.odgt and Images/ "
+                                "under data/crowdhuman/ (see the README)"}
+
+
+def _path_problem(path: Path, folder: bool) -> str | None:
+    """None when ``path`` is a readable file (or a listable folder), else what is wrong."""
+    if not path.exists():
+        return "not found"
+    if folder and not path.is_dir():
+        return "not a folder"
+    if not folder and not path.is_file():
+        return "not a file"
+    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        return "not readable (permission denied)"
+    return None
+
+
+def check_inputs(cfg: Any, splits: tuple[str, ...]) -> None:
+    """Stop before any work when an input the config names is missing or unreadable: the
+    splits' annotation file and image folder, and a local backbone weight file. The error
+    is one line naming the path, the config key and what to do."""
+    from o2f.config import PRESETS
+    from o2f.data import DatasetError
+    from o2f.engine import CheckpointError
+
+    preset = PRESETS[cfg.name]() if cfg.name in PRESETS else None
+    for split in splits:
+        part = getattr(cfg.data, split)
+        for key, folder in (("ann_file", False), ("img_dir", True)):
+            value = getattr(part, key)
+            problem = _path_problem(Path(value), folder) if value else None
+            if problem is None:
+                continue
+            default = preset is not None and getattr(getattr(preset.data, split), key) == value
+            hint = (DATA_HINTS.get(cfg.name, _COCO_HINT) if default
+                    else f"check --set data.{split}.{key}=...")
+            kind = "image folder" if folder else "annotation file"
+            raise DatasetError(f"{value}: {kind} {problem} (data.{split}.{key}); {hint}")
+    weights = cfg.model.backbone_weights
+    if weights and (Path(weights).suffix in (".pth", ".pt") or os.sep in weights):
+        problem = _path_problem(Path(weights), folder=False)
+        if problem:
+            raise CheckpointError(f"{weights}: backbone weights {problem} "
+                                  "(model.backbone_weights; null trains from scratch)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -24,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from o2f.engine import train
 
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg, ("train", "val") if cfg.train.eval_every > 0 else ("train",))
     work_dir = args.work_dir or f"runs/{cfg.name}"
     metrics = train(cfg, work_dir, resume=args.resume)
     if metrics:
@@ -43,6 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     setup_logging(None)
     cfg = load_config(args.config, args.overrides) if args.config else None
     model, cfg, _ = model_from_checkpoint(args.checkpoint, cfg, device)
+    check_inputs(cfg, ("val",))
     dataset = build_dataset(cfg, "val")
     with torch.inference_mode():
         metrics = evaluate(model, dataset, cfg, device, results_out=args.results_out,
@@ -207,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/digits", help="where the dataset is generated")
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
                    help=f"training epochs (default {DEMO_EPOCHS}; 8 reach a higher AP)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE", help="override a key of the digits preset")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -228,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
             OutOfMemoryHint) as e:
         print(f"o2f {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        # an input no check above names: still one line, naming the path
+        print(f"o2f {args.command}: error: {e.filename or ''}: {e.strerror or e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"o2f {args.command}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ class ModelConfig:
     head_convs: int = 4
     obj_channels: int = 64
     obj_convs: int = 3
-    # one-to-few assignment (o2f-spec section 2)
+    # one-to-few assignment (docs/algorithm.md section 2)
     assign: str = "o2f"  # o2f | o2o | o2m
     o2f_topk: int = 7
     alpha: float = 0.8
@@ -46,7 +47,7 @@ class ModelConfig:
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss
-    # inference (o2f-spec section 4)
+    # inference (docs/algorithm.md section 4)
     score_thresh: float = 0.05
     pre_topk: int = 1000
     topk: int = 100  # detections per image
@@ -56,7 +57,7 @@ class ModelConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisible: int = 32
-    # instance segmentation (CondInst + O2F, o2f-spec section 7; used when task="instance")
+    # instance segmentation (CondInst + O2F, docs/algorithm.md section 7; used when task="instance")
     task: str = "detection"  # detection | instance
     mask_channels: int = 128  # width of the mask branch's convs
     mask_convs: int = 4  # 3x3 conv-BN-ReLU layers of the mask branch after the fusion
@@ -269,29 +270,59 @@ def _unknown(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
-def _coerce(value: Any, current: Any, key: str, source: str) -> Any:
-    """Convert a YAML-parsed value to the type of the field it replaces."""
-    if value is None or current is None:
-        return value
-    try:
-        if isinstance(current, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
+def _field_type(obj: Any, name: str) -> tuple[type, bool]:
+    """(the documented type of a dataclass field, whether None is allowed), read from its
+    annotation (``int | None`` gives ``(int, True)``; ``list[int]`` gives ``(list, False)``)."""
+    hint = typing.get_type_hints(type(obj))[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    base = args[0] if optional else hint
+    return typing.get_origin(base) or base, optional
+
+
+def _coerce(value: Any, kind: type, optional: bool, key: str, source: str) -> Any:
+    """Convert a YAML-parsed value to the field's documented type, or raise ConfigError.
+    ``None`` (``null`` in YAML) is accepted only where the field allows it."""
+    expected = kind.__name__ + (" or null" if optional else "")
+    error = ConfigError(f"{source}: '{key}' expects a {expected}, got {value!r}")
+    if value is None:
+        if optional:
+            return None
+        raise error
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if isinstance(current, int) and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
+        raise error
+    if kind is int:
+        if isinstance(value, bool):
+            raise error
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(current, float):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise error
+    if kind is float:
+        if isinstance(value, bool):
+            raise error
+        try:  # YAML reads 1e-4 (no dot) as a string
             return float(value)
-        if isinstance(current, list):
-            return [int(v) if isinstance(v, float) and v.is_integer() else v
-                    for v in (value if isinstance(value, list) else [value])]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{key}' expects a {type(current).__name__}, "
-                          f"got {value!r}") from None
+        except (TypeError, ValueError):
+            raise error from None
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise error
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise error
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in items]
     return value
 
 
@@ -312,7 +343,7 @@ def set_key(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
         for k, v in value.items():
             set_key(cfg, f"{key}.{k}", v, source)
         return
-    setattr(obj, leaf, _coerce(value, current, key, source))
+    setattr(obj, leaf, _coerce(value, *_field_type(obj, leaf), key, source))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

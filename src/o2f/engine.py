@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from o2f import distributed as du
 from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
-from o2f.config import Config, config_from_dict, save_config
+from o2f.config import Config, ConfigError, config_from_dict, save_config
 from o2f.data import build_dataset, collate_eval, collate_train
 from o2f.model.detector import O2F, create_model
 
@@ -364,6 +364,9 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
     if cfg.train.channels_last:  # convolutions then output NHWC from NCHW inputs too
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and world > 1:
+        if device.type != "cuda":  # PyTorch's SyncBatchNorm refuses CPU tensors
+            raise ConfigError("train.sync_bn=true needs CUDA devices; on the CPU each "
+                              "process keeps its own batch statistics (set it to false)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
     state = TrainState()

@@ -1,4 +1,4 @@
-"""Losses of o2f-spec section 3, computed in float32 whatever the autocast dtype."""
+"""Losses of docs/algorithm.md section 3, computed in float32 whatever the autocast dtype."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ contiguous 0-based label, and serves ``(image, target)`` pairs:
 
 Crowd annotations are dropped by default, as in the authors' release (points inside them are
 plain negatives); ``ignore_mode="exclude"`` returns them so the loss can leave those points
-out (o2f-spec section 5).
+out (docs/algorithm.md section 5).
 """
 
 from __future__ import annotations

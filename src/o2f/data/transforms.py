@@ -1,4 +1,4 @@
-"""Augmentation and batching of the release's recipes (o2f-spec section 5).
+"""Augmentation and batching of the release's recipes (docs/algorithm.md section 5).
 
 Training: keep-ratio resize (short side ``min_size``, or a per-image integer drawn uniformly
 from ``(lo, hi)`` for the multi-scale recipes; long side at most ``max_size``), horizontal

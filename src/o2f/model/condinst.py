@@ -1,5 +1,5 @@
 """CondInst trained with one-to-few assignment: instance masks from the NMS-free detector
-(o2f-spec section 7).
+(docs/algorithm.md section 7).
 
 Every point of the detector predicts, besides its class scores and box, the parameters of
 a tiny *dynamic* mask head: three 1x1 convs (``dynamic_channels`` = 8, 8, then 1 output)

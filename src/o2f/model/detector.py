@@ -236,7 +236,7 @@ class O2F(nn.Module):
     # ------------------------------------------------------------------ inference
     def postprocess(self, out: HeadOutputs, image_sizes: list[tuple[int, int]] | Tensor,
                     *, return_index: bool = False) -> tuple[Tensor, ...]:
-        """NMS-free top-k (o2f-spec section 4), batched and of fixed shape.
+        """NMS-free top-k (docs/algorithm.md section 4), batched and of fixed shape.
 
         Per level the ``pre_topk`` best (point, class) pairs by p = sigmoid(cls) *
         sigmoid(obj); their boxes decoded and clipped to the unpadded image; over all levels
