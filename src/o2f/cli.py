@@ -15,8 +15,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 def _add_config(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required,
                    help="preset name (r50_1x, digits, ...) or a YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.lr=0.02 train.epochs=24 "
+                        "(several after one flag, or the flag repeated)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +91,29 @@ def cmd_data(args: argparse.Namespace) -> int:
                         num_val=args.val, fmt=args.format, single_class=args.single_class)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from o2f.data.formats import convert
+
+    report = convert(args.src, args.to, args.out, src_format=args.src_format,
+                     img_dir=args.img_dir, split=args.split, images=args.images)
+    print(f"read {args.src} ({report['format']}): {report['num_images']} images, "
+          f"{report['num_boxes']} boxes, {len(report['classes'])} classes")
+    print(f"wrote {report['annotations']} ({args.to}); images in {report['images']}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from o2f.data.check import check_dataset, format_summary
+
+    report = check_dataset(args.data, args.out, img_dir=args.img_dir, fmt=args.format,
+                           split=args.split, input_size=tuple(args.input_size),
+                           sheet_images=args.sheet)
+    print(format_summary(report))
+    if args.out:
+        print(f"wrote {args.out}/check.json and the plots")
     return 0
 
 
@@ -187,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("data", help="write a built-in dataset")
+    p = sub.add_parser("data", help="built-in datasets, format conversion, data checks")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     d = dsub.add_parser("digits", help="handwritten digits pasted on textured canvases")
     d.add_argument("--out", required=True)
@@ -200,6 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one category 'digit' instead of ten")
     d.set_defaults(func=cmd_data)
 
+    from o2f.data.formats import FORMATS, WRITABLE
+
+    d = dsub.add_parser("convert", help="convert annotations between formats")
+    d.add_argument("src", metavar="SRC",
+                   help="annotation file or folder (COCO .json, .odgt, VOC Annotations/ or "
+                        "ImageSets split file, YOLO data.yaml or labels/, .csv)")
+    d.add_argument("--from", dest="src_format", choices=FORMATS,
+                   help="the source format (default: told from SRC)")
+    d.add_argument("--to", required=True, choices=WRITABLE)
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--img-dir", help="the source's image folder (default: the format's "
+                                     "usual place)")
+    d.add_argument("--split", help="split name of the output (and of a data.yaml to read; "
+                                   "default: train for a data.yaml, else SRC's name)")
+    d.add_argument("--images", choices=["link", "copy", "none"], default="link",
+                   help="put the images where the output layout expects them as symbolic "
+                        "links (default), copies, or not at all")
+    d.set_defaults(func=cmd_data_convert)
+
+    d = dsub.add_parser("check", help="statistics, problems and pictures of a dataset")
+    d.add_argument("data", metavar="DATA", help="annotation file or folder (any format)")
+    d.add_argument("--out", help="folder for check.json, the plots and the contact sheet")
+    d.add_argument("--img-dir", help="the image folder (default: the format's usual place)")
+    d.add_argument("--format", choices=FORMATS, help="default: told from DATA")
+    d.add_argument("--split", default="train", help="split of a YOLO data.yaml")
+    d.add_argument("--input-size", type=int, nargs=2, default=[800, 1333],
+                   metavar=("SHORT", "LONG"),
+                   help="the model's input size, to place objects on FPN levels "
+                        "(default 800 1333; 0 0 for native size)")
+    d.add_argument("--sheet", type=int, default=12,
+                   help="images on the contact sheet (default 12)")
+    d.set_defaults(func=cmd_data_check)
+
     from o2f.demo import DEMO_EPOCHS  # light: the demo module imports torch lazily
 
     p = sub.add_parser("demo", help="the built-in CPU demo (what `make demo` runs)")
@@ -207,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/digits", help="where the dataset is generated")
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
                    help=f"training epochs (default {DEMO_EPOCHS}; 8 reach a higher AP)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a key of the digits preset")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="override keys of the digits preset")
     p.set_defaults(func=cmd_demo)
     return parser
 
