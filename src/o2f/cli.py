@@ -123,8 +123,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, _, ckpt = model_from_checkpoint(args.checkpoint)
     path = export_onnx(model, args.out, size=tuple(args.size), dynamic=args.dynamic,
-                       class_names=ckpt.get("class_names"))
-    print(f"wrote {path}: inputs images, sizes; outputs boxes, scores, labels; "
+                       class_names=ckpt.get("class_names"), two_inputs=args.two_inputs)
+    inputs = ("images (normalised, padded), sizes" if args.two_inputs
+              else "images (B x 3 x H x W RGB in [0, 1])")
+    print(f"wrote {path}: inputs {inputs}; outputs boxes, scores, labels; "
           f"{len(onnx_ops(path))} operator types, none of them NMS")
     return 0
 
@@ -193,10 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1344], metavar=("H", "W"),
-                   help="padded input size, multiples of 32 (default 800 1344)")
+                   help="input size (default 800 1344; multiples of 32 with --two-inputs)")
     p.add_argument("--dynamic", action="store_true",
                    help="free batch, height and width (what `o2f predict --onnx` needs "
                         "for images of any size)")
+    p.add_argument("--two-inputs", action="store_true",
+                   help="the earlier graph form: a normalised, padded batch and its sizes "
+                        "(default: one input, images in [0, 1])")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="convert a checkpoint of the authors' release")
