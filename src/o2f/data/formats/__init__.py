@@ -63,9 +63,11 @@ def detect_format(ann_file: str | os.PathLike) -> str:
 
 def default_image_dir(ann_file: Path) -> Path:
     """Where the images of a COCO / odgt file probably are, when not given: ``../<stem>``
-    (``annotations/train.json`` -> ``train/``), else ``images/`` beside it, else its folder."""
-    for guess in (ann_file.parent.parent / ann_file.stem, ann_file.parent / "images",
-                  ann_file.parent.parent / "Images"):
+    (``annotations/train.json`` -> ``train/``), ``../images/<stem>`` (what ``o2f data
+    convert`` writes), ``images/`` beside it or above it, else its folder."""
+    up = ann_file.parent.parent
+    for guess in (up / ann_file.stem, up / "images" / ann_file.stem, ann_file.parent / "images",
+                  up / "images", up / "Images"):
         if guess.is_dir():
             return guess
     return ann_file.parent

@@ -203,10 +203,11 @@ def read_yolo(ann_file: str | os.PathLike, img_dir: str | os.PathLike | None = N
 
 
 def write_yolo(coco: CocoRecords, out_dir: str | os.PathLike, split: str) -> Path:
-    """Write COCO records as ``out_dir/labels/<split>/<stem>.txt`` (six decimals: well under
-    a pixel) and add the split to ``out_dir/data.yaml`` (created or updated; ``names`` in
-    label order). The images belong in ``out_dir/images/<split>/``. YOLO has no ignore
-    flag: ``iscrowd`` boxes are left out, with a warning. Returns the data.yaml path."""
+    """Write COCO records as ``out_dir/labels/<split>/<stem>.txt`` (ten significant
+    digits: integer pixel boxes read back as the same float32 numbers) and add the split
+    to ``out_dir/data.yaml`` (created or updated; ``names`` in label order). The images
+    belong in ``out_dir/images/<split>/``. YOLO has no ignore flag: ``iscrowd`` boxes are
+    left out, with a warning. Returns the data.yaml path."""
     out_dir = Path(out_dir)
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i for i, c in enumerate(cats)}
@@ -219,13 +220,15 @@ def write_yolo(coco: CocoRecords, out_dir: str | os.PathLike, split: str) -> Pat
             continue
         W, H = size[ann["image_id"]]
         x, y, w, h = (float(v) for v in ann["bbox"])
-        lines[ann["image_id"]].append(f"{label_of[ann['category_id']]} {(x + w / 2) / W:.6f} "
-                                      f"{(y + h / 2) / H:.6f} {w / W:.6f} {h / H:.6f}")
+        values = ((x + w / 2) / W, (y + h / 2) / H, w / W, h / H)
+        lines[ann["image_id"]].append(" ".join([str(label_of[ann["category_id"]]),
+                                                *(f"{v:.10g}" for v in values)]))
     if crowd:
         warnings.warn(f"YOLO has no ignore regions: {crowd} iscrowd boxes left out",
                       stacklevel=2)
     for img in coco["images"]:
-        path = out_dir / "labels" / split / Path(img["file_name"]).with_suffix(".txt")
+        # where readers look for the labels of images/<split>/<file_name>
+        path = _label_path(out_dir / "images" / split / img["file_name"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(line + "\n" for line in lines[img["id"]]), encoding="utf-8")
     data_yaml = out_dir / "data.yaml"
