@@ -4,6 +4,7 @@ their transforms."""
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ def coco_annotation_file(cfg: Config, split: str) -> Path:
             odgt_to_coco(ann, part.img_dir, out)
         except DatasetError:
             raise
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{ann}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except ValueError as e:  # the message names the file and line
             raise DatasetError(str(e)) from None
     return out
@@ -84,8 +87,11 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
     options = {"train": train, "ignore_mode": cfg.model.ignore_mode,
                "check_images": cfg.data.check_images,
                "with_masks": train and cfg.model.task == "instance"}
-    if fmt in ("coco", "odgt"):
-        dataset = CocoDetection(coco_annotation_file(cfg, split), part.img_dir, transforms,
+    if fmt == "coco":
+        dataset = CocoDetection(part.ann_file, part.img_dir, transforms, **options)
+    elif fmt == "odgt":  # the cached conversion, with messages naming the .odgt file
+        records = json.loads(coco_annotation_file(cfg, split).read_text(encoding="utf-8"))
+        dataset = CocoDetection(part.ann_file, part.img_dir, transforms, data=records,
                                 **options)
     else:
         records, img_dir, _ = read_annotations(part.ann_file, part.img_dir or None, fmt, split)

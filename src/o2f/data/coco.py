@@ -150,9 +150,11 @@ def _check_ids(data: dict, where: Path) -> None:
     cat_ids = {r["id"] for r in data["categories"]}
     for field, known, what in (("image_id", image_ids, "image"),
                                ("category_id", cat_ids, "category")):
-        unknown = [a[field] for a in anns if a[field] not in known]
+        unknown = [a[field] for a in anns
+                   if not isinstance(a[field], int) or isinstance(a[field], bool)
+                   or a[field] not in known]
         if unknown:
-            uniq = list(dict.fromkeys(unknown))
+            uniq = list(dict.fromkeys(repr(u) for u in unknown))
             raise DatasetError(
                 f"{where}: {len(unknown)} annotations refer to unknown {what} ids "
                 f"(first: {_first(uniq)})"
