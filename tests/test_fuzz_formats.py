@@ -24,11 +24,11 @@ import torch
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_formats import WRITERS, _images  # noqa: E402
 
 from o2f.config import load_config  # noqa: E402
 from o2f.data import build_dataset  # noqa: E402
 from o2f.data.coco import DatasetError, ImageReadError  # noqa: E402
-from test_formats import WRITERS, _images  # noqa: E402
 
 EXAMPLES = int(os.environ.get("O2F_FUZZ_EXAMPLES", "40"))
 OUTCOMES: Counter = Counter()
