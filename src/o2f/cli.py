@@ -20,7 +20,7 @@ def _add_config(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.lr=0.02 train.epochs=24 "
-                        "(repeatable)")
+                        "(several after one flag, or the flag repeated)")
 
 
 # What to do when a preset's own data paths are missing.
@@ -32,15 +32,16 @@ DATA_HINTS = {"digits": _DIGITS_HINT, "digits_instance": _DIGITS_HINT,
                                 "under data/crowdhuman/ (see the README)"}
 
 
-def _path_problem(path: Path, folder: bool) -> str | None:
-    """None when ``path`` is a readable file (or a listable folder), else what is wrong."""
+def _path_problem(path: Path, folder: bool | None) -> str | None:
+    """None when ``path`` is a readable file (or a listable folder; ``folder=None``: either),
+    else what is wrong."""
     if not path.exists():
         return "not found"
     if folder and not path.is_dir():
         return "not a folder"
-    if not folder and not path.is_file():
+    if folder is False and not path.is_file():
         return "not a file"
-    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         return "not readable (permission denied)"
     return None
 
@@ -56,7 +57,8 @@ def check_inputs(cfg: Any, splits: tuple[str, ...]) -> None:
     preset = PRESETS[cfg.name]() if cfg.name in PRESETS else None
     for split in splits:
         part = getattr(cfg.data, split)
-        for key, folder in (("ann_file", False), ("img_dir", True)):
+        # ann_file: a file (COCO, odgt, CSV, data.yaml) or a folder (VOC, YOLO labels)
+        for key, folder in (("ann_file", None), ("img_dir", True)):
             value = getattr(part, key)
             problem = _path_problem(Path(value), folder) if value else None
             if problem is None:
@@ -149,14 +151,39 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from o2f.data.formats import convert
+
+    report = convert(args.src, args.to, args.out, src_format=args.src_format,
+                     img_dir=args.img_dir, split=args.split, images=args.images)
+    print(f"read {args.src} ({report['format']}): {report['num_images']} images, "
+          f"{report['num_boxes']} boxes, {len(report['classes'])} classes")
+    print(f"wrote {report['annotations']} ({args.to}); images in {report['images']}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from o2f.data.check import check_dataset, format_summary
+
+    report = check_dataset(args.data, args.out, img_dir=args.img_dir, fmt=args.format,
+                           split=args.split, input_size=tuple(args.input_size),
+                           sheet_images=args.sheet)
+    print(format_summary(report))
+    if args.out:
+        print(f"wrote {args.out}/check.json and the plots")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from o2f.engine import model_from_checkpoint
     from o2f.export import export_onnx, onnx_ops
 
     model, _, ckpt = model_from_checkpoint(args.checkpoint)
     path = export_onnx(model, args.out, size=tuple(args.size), dynamic=args.dynamic,
-                       class_names=ckpt.get("class_names"))
-    print(f"wrote {path}: inputs images, sizes; outputs boxes, scores, labels; "
+                       class_names=ckpt.get("class_names"), two_inputs=args.two_inputs)
+    inputs = ("images (normalised, padded), sizes" if args.two_inputs
+              else "images (B x 3 x H x W RGB in [0, 1])")
+    print(f"wrote {path}: inputs {inputs}; outputs boxes, scores, labels; "
           f"{len(onnx_ops(path))} operator types, none of them NMS")
     return 0
 
@@ -225,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1344], metavar=("H", "W"),
-                   help="padded input size, multiples of 32 (default 800 1344)")
+                   help="input size (default 800 1344; multiples of 32 with --two-inputs)")
     p.add_argument("--dynamic", action="store_true",
                    help="free batch, height and width (what `o2f predict --onnx` needs "
                         "for images of any size)")
+    p.add_argument("--two-inputs", action="store_true",
+                   help="the earlier graph form: a normalised, padded batch and its sizes "
+                        "(default: one input, images in [0, 1])")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="convert a checkpoint of the authors' release")
@@ -244,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("data", help="write a built-in dataset")
+    p = sub.add_parser("data", help="built-in datasets, format conversion, data checks")
     dsub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     d = dsub.add_parser("digits", help="handwritten digits pasted on textured canvases")
     d.add_argument("--out", required=True)
@@ -257,6 +287,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one category 'digit' instead of ten")
     d.set_defaults(func=cmd_data)
 
+    from o2f.data.formats import FORMATS, WRITABLE
+
+    d = dsub.add_parser("convert", help="convert annotations between formats")
+    d.add_argument("src", metavar="SRC",
+                   help="annotation file or folder (COCO .json, .odgt, VOC Annotations/ or "
+                        "ImageSets split file, YOLO data.yaml or labels/, .csv)")
+    d.add_argument("--from", dest="src_format", choices=FORMATS,
+                   help="the source format (default: told from SRC)")
+    d.add_argument("--to", required=True, choices=WRITABLE)
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--img-dir", help="the source's image folder (default: the format's "
+                                     "usual place)")
+    d.add_argument("--split", help="split name of the output (and of a data.yaml to read; "
+                                   "default: train for a data.yaml, else SRC's name)")
+    d.add_argument("--images", choices=["link", "copy", "none"], default="link",
+                   help="put the images where the output layout expects them as symbolic "
+                        "links (default), copies, or not at all")
+    d.set_defaults(func=cmd_data_convert)
+
+    d = dsub.add_parser("check", help="statistics, problems and pictures of a dataset")
+    d.add_argument("data", metavar="DATA", help="annotation file or folder (any format)")
+    d.add_argument("--out", help="folder for check.json, the plots and the contact sheet")
+    d.add_argument("--img-dir", help="the image folder (default: the format's usual place)")
+    d.add_argument("--format", choices=FORMATS, help="default: told from DATA")
+    d.add_argument("--split", default="train", help="split of a YOLO data.yaml")
+    d.add_argument("--input-size", type=int, nargs=2, default=[800, 1333],
+                   metavar=("SHORT", "LONG"),
+                   help="the model's input size, to place objects on FPN levels "
+                        "(default 800 1333; 0 0 for native size)")
+    d.add_argument("--sheet", type=int, default=12,
+                   help="images on the contact sheet (default 12)")
+    d.set_defaults(func=cmd_data_check)
+
     from o2f.demo import DEMO_EPOCHS  # light: the demo module imports torch lazily
 
     p = sub.add_parser("demo", help="the built-in CPU demo (what `make demo` runs)")
@@ -265,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
                    help=f"training epochs (default {DEMO_EPOCHS}; 8 reach a higher AP)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
-                   metavar="KEY=VALUE", help="override a key of the digits preset")
+                   metavar="KEY=VALUE", help="override keys of the digits preset")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -77,11 +77,12 @@ class ModelConfig:
 class SplitConfig:
     ann_file: str = ""
     img_dir: str = ""
+    format: str = ""  # coco | odgt | voc | yolo | csv; "" = data.format, else from the path
 
 
 @dataclass
 class DataConfig:
-    format: str = "coco"  # coco | odgt (CrowdHuman)
+    format: str = ""  # both splits' format (coco | odgt | voc | yolo | csv); "" = detect
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
     min_size: list[int] = field(default_factory=lambda: [800, 800])  # train short side range

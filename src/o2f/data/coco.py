@@ -150,9 +150,11 @@ def _check_ids(data: dict, where: Path) -> None:
     cat_ids = {r["id"] for r in data["categories"]}
     for field, known, what in (("image_id", image_ids, "image"),
                                ("category_id", cat_ids, "category")):
-        unknown = [a[field] for a in anns if a[field] not in known]
+        unknown = [a[field] for a in anns
+                   if not isinstance(a[field], int) or isinstance(a[field], bool)
+                   or a[field] not in known]
         if unknown:
-            uniq = list(dict.fromkeys(unknown))
+            uniq = list(dict.fromkeys(repr(u) for u in unknown))
             raise DatasetError(
                 f"{where}: {len(unknown)} annotations refer to unknown {what} ids "
                 f"(first: {_first(uniq)})"
@@ -220,7 +222,8 @@ def _check_files(images: list[dict], img_dir: Path, where: Path, check_images: b
 
 
 def validate_coco(
-    ann_file: str | os.PathLike, img_dir: str | os.PathLike, *, check_images: bool = True
+    ann_file: str | os.PathLike, img_dir: str | os.PathLike, *, check_images: bool = True,
+    data: dict | None = None,
 ) -> dict:
     """Load a COCO annotation file and check it against the image folder.
 
@@ -235,6 +238,10 @@ def validate_coco(
     ``check_images=False`` to skip it (a file broken later still raises
     :class:`ImageReadError` when it is read).
 
+    ``data``, when given, is checked instead of reading ``ann_file`` (the records another
+    format's reader built from ``ann_file``, see :mod:`o2f.data.formats`); messages still
+    name ``ann_file``.
+
     Returns:
         The parsed JSON (a dict with at least ``images``, ``annotations``, ``categories``).
 
@@ -244,7 +251,8 @@ def validate_coco(
         FileNotFoundError: when ``ann_file`` does not exist.
     """
     where = Path(ann_file)
-    data = _load_json(where)
+    if data is None:
+        data = _load_json(where)
     _check_structure(data, where)
     _check_ids(data, where)
     _check_files(data["images"], Path(img_dir), where, check_images)
@@ -309,6 +317,8 @@ class CocoDetection(torch.utils.data.Dataset):
             (see :func:`validate_coco`).
         with_masks: also decode each box's ``segmentation`` into ``target["masks"]`` (for
             instance segmentation); an annotation without one gets its filled box.
+        data: COCO records already built from ``ann_file`` by another format's reader
+            (:func:`o2f.data.formats.read_annotations`); None reads ``ann_file`` as JSON.
 
     Boxes are clipped to the image (the JSON ``width``/``height``, the displayed size, since
     annotations are drawn on the displayed image); boxes whose width or height is not
@@ -332,6 +342,7 @@ class CocoDetection(torch.utils.data.Dataset):
         ignore_mode: str = "drop",
         check_images: bool = True,
         with_masks: bool = False,
+        data: dict | None = None,
     ) -> None:
         if ignore_mode not in ("drop", "exclude"):
             raise ValueError(f"ignore_mode must be 'drop' or 'exclude', got {ignore_mode!r}")
@@ -342,7 +353,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ignore_mode = ignore_mode
         self.with_masks = with_masks
 
-        data = validate_coco(ann_file, img_dir, check_images=check_images)
+        data = validate_coco(ann_file, img_dir, check_images=check_images, data=data)
         self.coco = _pycocotools_index(data)
 
         cats = sorted(data["categories"], key=lambda c: c["id"])

@@ -15,6 +15,7 @@ same layout with ``"dtboxes": [{"box": [x, y, w, h], "score": s, "tag": 1}]``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -85,6 +86,8 @@ def is_ignore(gtbox: Mapping[str, Any]) -> bool:
     """True for an ignore region: any tag other than ``"person"`` (CrowdHuman uses
     ``"mask"``), or a non-zero ``extra.ignore``."""
     extra = gtbox.get("extra") or {}
+    if not isinstance(extra, Mapping):
+        extra = {}
     return gtbox.get("tag") != "person" or extra.get("ignore", 0) != 0
 
 
@@ -116,7 +119,7 @@ def find_images(image_dir: str | os.PathLike) -> dict[str, str]:
 def odgt_to_coco(
     odgt_path: str | os.PathLike,
     image_dir: str | os.PathLike | None,
-    out_json: str | os.PathLike,
+    out_json: str | os.PathLike | None,
     *,
     sizes: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict:
@@ -131,7 +134,7 @@ def odgt_to_coco(
     ``(height, width)``, else the image header in ``image_dir``.
 
     Returns:
-        The COCO dict that was written to ``out_json``.
+        The COCO dict (also written to ``out_json`` unless it is None).
 
     Raises:
         ValueError: naming the file and line of a malformed record or of an image whose size
@@ -140,11 +143,19 @@ def odgt_to_coco(
     have_dir = image_dir is not None and Path(image_dir).is_dir()
     files = find_images(image_dir) if have_dir else {}
     images, annotations = [], []
+    seen: dict[str, int] = {}
     for image_id, (lineno, rec) in enumerate(iter_odgt(odgt_path), start=1):
         key = str(rec["ID"])
+        if key in seen:
+            raise ValueError(f"{odgt_path}:{lineno}: image ID {key!r} repeats line {seen[key]}")
+        seen[key] = lineno
         file_name = files.get(key, f"{key}.jpg")
         if "width" in rec and "height" in rec:
             h, w = rec["height"], rec["width"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) and v > 0 for v in (h, w)):
+                raise ValueError(f"{odgt_path}:{lineno}: width/height of {key!r} are not "
+                                 f"positive numbers")
         elif sizes is not None and key in sizes:
             h, w = sizes[key]
         elif key in files:
@@ -157,16 +168,27 @@ def odgt_to_coco(
             )
         images.append({"id": image_id, "file_name": file_name,
                        "width": int(w), "height": int(h)})
-        for box in rec.get("gtboxes") or []:
-            if "fbox" not in box:
+        gtboxes = rec.get("gtboxes") or []
+        if not isinstance(gtboxes, list):
+            raise ValueError(f"{odgt_path}:{lineno}: 'gtboxes' of {key!r} is not a list")
+        for box in gtboxes:
+            if not isinstance(box, dict) or "fbox" not in box:
                 raise ValueError(f"{odgt_path}:{lineno}: a gtbox of {key!r} has no 'fbox'")
-            x, y, bw, bh = (float(v) for v in box["fbox"])
+            fbox = box["fbox"]
+            if not (isinstance(fbox, list) and len(fbox) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) for v in fbox)):
+                raise ValueError(f"{odgt_path}:{lineno}: an fbox of {key!r} is not 4 finite "
+                                 f"numbers [x, y, w, h]: {fbox!r}"[:300])
+            x, y, bw, bh = (float(v) for v in fbox)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
                 "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": int(is_ignore(box)),
             })
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": 1, "name": "person"}]}
+    if out_json is None:
+        return coco
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

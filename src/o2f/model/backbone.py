@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
+from o2f.config import ConfigError
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -60,13 +62,39 @@ class ResNetBackbone(nn.Module):
         return [c3, c4, self.layer4(c4)]
 
 
+class WeightsUnavailableError(ConfigError):
+    """Backbone weights that cannot be loaded (no network, unknown name, missing file); the
+    message says where a downloaded file goes and how to train without them."""
+
+
 def _resolve_weights(name: str, weights: str) -> dict[str, Tensor]:
-    """A local ``.pth`` path, or a torchvision weight enum name (downloads when online)."""
+    """A local ``.pth`` path, or a torchvision weight enum name (downloaded once into the
+    torch hub cache, ``torch.hub.get_dir()/checkpoints``)."""
+    no_weights = ("or start from random weights: backbone_weights=None in Python, "
+                  "--set model.backbone_weights=null on the command line")
     if Path(weights).suffix in (".pth", ".pt") or Path(weights).exists():
+        if not Path(weights).is_file():
+            raise WeightsUnavailableError(f"backbone weights file {weights} not found; "
+                                          f"{no_weights}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         return state.get("state_dict", state) if isinstance(state, dict) else state
     enum = torchvision.models.get_model_weights(name)
-    return enum[weights].get_state_dict(progress=True)
+    if weights not in enum.__members__:
+        raise WeightsUnavailableError(
+            f"unknown {name} weights '{weights}'; choose from "
+            f"{', '.join(enum.__members__)}, a .pth file, {no_weights}")
+    entry = enum[weights]
+    try:
+        return entry.get_state_dict(progress=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        reason = getattr(e, "reason", None) or e
+        raise WeightsUnavailableError(
+            f"cannot load the ImageNet weights {type(entry).__name__}.{weights} of the {name} "
+            f"backbone ({type(e).__name__}: {reason}). Without network, download "
+            f"{entry.url} elsewhere and put the file in {cache}/ (the torch hub cache), or "
+            f"set model.backbone_weights to a local .pth file, {no_weights}"
+        ) from None
 
 
 class DigitsCNN(nn.Module):
