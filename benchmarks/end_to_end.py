@@ -31,6 +31,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                ["model.t_schedule=iter", "model.t_end_at=0.5"]),
     "o2o75": ("soft anchors are negatives in the last quarter", ["model.o2o_from=0.75"]),
     "mf": ("3D max filter on the objectness branch", ["model.max_filter=true"]),
+    "t0o2o": ("t ends at 0, soft anchors negatives in the last quarter",
+              ["model.t_end=0.0", "model.o2o_from=0.75"]),
     "combo": ("3D max filter + t by iteration to 0 at half of training",
               ["model.max_filter=true", "model.t_schedule=iter", "model.t_end_at=0.5",
                "model.t_end=0.0"]),
