@@ -65,6 +65,12 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [(i * (length - tile)) // (n - 1) for i in range(n)]
 
 
+def _midpoints(starts: Sequence[int], side: int) -> Tensor:
+    """(n - 1,) float64: halfway between neighbouring tile centres along one axis."""
+    return torch.tensor([(a + b + side) / 2 for a, b in zip(starts[:-1], starts[1:],
+                                                           strict=True)], dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """A grid of tiles over an image of ``height`` x ``width`` pixels.
@@ -85,13 +91,11 @@ class TileGrid:
 
     @property
     def x_cuts(self) -> Tensor:
-        return torch.tensor([(a + b + self.tile_w) / 2 for a, b in zip(self.xs, self.xs[1:])],
-                            dtype=torch.float64)
+        return _midpoints(self.xs, self.tile_w)
 
     @property
     def y_cuts(self) -> Tensor:
-        return torch.tensor([(a + b + self.tile_h) / 2 for a, b in zip(self.ys, self.ys[1:])],
-                            dtype=torch.float64)
+        return _midpoints(self.ys, self.tile_h)
 
     @property
     def windows(self) -> Tensor:
