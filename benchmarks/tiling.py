@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-sahi", action="store_true")
     parser.add_argument("--out", default="runs/tiling")
+    parser.add_argument("--picture", help="also draw the o2f tiled prediction of the top-left "
+                                          "1024 x 1024 of the first canvas into this file")
     args = parser.parse_args()
     overlap = default_overlap(args.tile) if args.overlap is None else args.overlap
     out = Path(args.out)
@@ -253,6 +255,35 @@ def main() -> None:
               f"{r['detections_per_image']:.0f} |" for r in rows]
     (out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+    if args.picture:
+        picture(canvases[0], predict_tiled(net, canvases[0].float() / 255, tile=args.tile,
+                                           overlap=overlap, batch_size=args.batch_size),
+                tile_grid(args.canvas, args.canvas, args.tile, overlap), args.picture)
+
+
+def picture(canvas: torch.Tensor, det: dict, grid, path: str, crop: int = 1024) -> None:
+    """The detections scoring >= 0.3 on the canvas, the tile windows (thin grey) and the
+    boundaries of the owned regions (dashed yellow), cropped to ``crop`` pixels a side."""
+    from PIL import ImageDraw
+
+    from o2f.predict import draw
+
+    keep = det["scores"] >= 0.3
+    drawn = draw(canvas, det["boxes"][keep], det["labels"][keep].tolist(),
+                 det["scores"][keep].tolist(), ["digit"])
+    img = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    pen = ImageDraw.Draw(img)
+    side = canvas.shape[-1]
+    for x1, y1, x2, y2 in grid.windows.tolist():
+        pen.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(150, 150, 150), width=1)
+    for cut in grid.x_cuts.tolist():
+        for y in range(0, side, 16):
+            pen.line([(cut, y), (cut, y + 8)], fill=(255, 215, 0), width=3)
+    for cut in grid.y_cuts.tolist():
+        for x in range(0, side, 16):
+            pen.line([(x, cut), (x + 8, cut)], fill=(255, 215, 0), width=3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.crop((0, 0, crop, crop)).save(path, quality=88)
 
 
 if __name__ == "__main__":
