@@ -262,16 +262,11 @@ def main() -> None:
 
 
 def picture(canvas: torch.Tensor, det: dict, grid, path: str, crop: int = 1024) -> None:
-    """The detections scoring >= 0.3 on the canvas, the tile windows (thin grey) and the
-    boundaries of the owned regions (dashed yellow), cropped to ``crop`` pixels a side."""
+    """The detections scoring >= 0.3 on the canvas (red), the tile windows (thin grey) and
+    the boundaries of the owned regions (dashed yellow), cropped to ``crop`` pixels a side."""
     from PIL import ImageDraw
 
-    from o2f.predict import draw
-
-    keep = det["scores"] >= 0.3
-    drawn = draw(canvas, det["boxes"][keep], det["labels"][keep].tolist(),
-                 det["scores"][keep].tolist(), ["digit"])
-    img = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    img = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     pen = ImageDraw.Draw(img)
     side = canvas.shape[-1]
     for x1, y1, x2, y2 in grid.windows.tolist():
@@ -282,6 +277,8 @@ def picture(canvas: torch.Tensor, det: dict, grid, path: str, crop: int = 1024) 
     for cut in grid.y_cuts.tolist():
         for x in range(0, side, 16):
             pen.line([(x, cut), (x + 8, cut)], fill=(255, 215, 0), width=3)
+    for box in det["boxes"][det["scores"] >= 0.3].tolist():
+        pen.rectangle(box, outline=(230, 25, 75), width=2)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.crop((0, 0, crop, crop)).save(path, quality=88)
 
