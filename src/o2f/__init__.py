@@ -3,7 +3,8 @@
 from o2f import assign, evaluation, losses
 from o2f.config import Config, load_config
 from o2f.model.detector import O2F, build_model
+from o2f.tiling import predict_tiled
 
 __version__ = "0.1.0"
 __all__ = ["O2F", "Config", "assign", "build_model", "evaluation", "load_config", "losses",
-           "__version__"]
+           "predict_tiled", "__version__"]

@@ -102,6 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides) if args.config else None
     model, cfg, _ = model_from_checkpoint(args.checkpoint, cfg, device)
     check_inputs(cfg, ("val",))
+    if args.tile:
+        from o2f.tiling import TiledDetector
+
+        model = TiledDetector(model, args.tile, args.overlap)
     dataset = build_dataset(cfg, "val")
     with torch.inference_mode():
         metrics = evaluate(model, dataset, cfg, device, results_out=args.results_out,
@@ -115,29 +119,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_paths(inputs: list[str]) -> list[Path]:
-    paths: list[Path] = []
+def _input_paths(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(images, videos) named by files, folders (images, searched recursively) and globs."""
+    import glob
+
+    from o2f.video import VIDEO_SUFFIXES
+
+    images: list[Path] = []
+    videos: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            images += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
-            paths.append(p)
+            (videos if p.suffix.lower() in VIDEO_SUFFIXES else images).append(p)
+        elif glob.has_magic(item):
+            matches = sorted(Path(f) for f in glob.glob(item, recursive=True))
+            if not matches:
+                raise SystemExit(f"o2f predict: {item}: no file matches")
+            images += [f for f in matches if f.suffix.lower() in IMAGE_SUFFIXES]
+            videos += [f for f in matches if f.suffix.lower() in VIDEO_SUFFIXES]
         else:
             raise SystemExit(f"o2f predict: {p}: no such file or folder")
-    if not paths:
-        raise SystemExit("o2f predict: no images found in " + ", ".join(inputs))
-    return paths
+    if not images and not videos:
+        raise SystemExit("o2f predict: no images or videos found in " + ", ".join(inputs))
+    return images, videos
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from o2f.predict import predict_images
+    from o2f.predict import load_detector, predict_images, predict_video
 
     if bool(args.checkpoint) == bool(args.onnx):
         raise SystemExit("o2f predict: give exactly one of --checkpoint and --onnx")
-    predict_images(_image_paths(args.inputs), args.out, checkpoint=args.checkpoint,
-                   onnx=args.onnx, score_thresh=args.score_thresh)
-    print(f"wrote {args.out}/detections.json and the pictures")
+    if args.overlap is not None and not args.tile:
+        raise SystemExit("o2f predict: --overlap needs --tile")
+    images, videos = _input_paths(args.inputs)
+    model, names = load_detector(args.checkpoint, args.onnx, tile=args.tile,
+                                 overlap=args.overlap, batch_size=args.batch_size)
+    common = {"model": model, "class_names": names, "score_thresh": args.score_thresh,
+              "batch_size": args.batch_size}
+    if images:
+        predict_images(images, args.out, **common)
+        print(f"wrote {args.out}/detections.json and the pictures")
+    for video in videos:
+        s = predict_video(video, args.out, **common)
+        print(f"{video}: {s['frames']} frames in {s['seconds']:.1f} s ({s['fps']:.1f} "
+              f"frames/s); wrote {s['video']} and {s['jsonl']}")
     return 0
 
 
@@ -220,6 +247,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tiling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="predict large images in SIZE x SIZE tiles, merged without NMS: "
+                        "each tile keeps the detections whose box centre it owns")
+    p.add_argument("--overlap", type=int, metavar="PIXELS",
+                   help="least overlap of neighbouring tiles; at least the largest object "
+                        "(default SIZE / 4, rounded up to a multiple of 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="o2f", description="One-to-Few label assignment for end-to-end dense detection.")
@@ -237,15 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--metrics-out", help="write the metrics JSON here")
     p.add_argument("--results-out", help="write the detections (COCO results JSON) here")
+    _add_tiling(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="detect objects in images; draw and save them")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="images, folders of images, globs (quoted) or video files")
     p.add_argument("--checkpoint", help="an o2f checkpoint (last.pt)")
     p.add_argument("--onnx", help="run an exported graph (o2f export) with onnxruntime")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="draw and save detections above this score (default 0.3)")
+    _add_tiling(p)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="frames (or tiles, with --tile) per forward pass (default 8)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export an NMS-free ONNX graph")
@@ -342,11 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     from o2f.config import ConfigError
     from o2f.data.coco import DatasetError
     from o2f.engine import CheckpointError, NonFiniteLossError, OutOfMemoryHint
+    from o2f.video import FrameError
 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
-            OutOfMemoryHint) as e:
+            OutOfMemoryHint, FrameError) as e:
         print(f"o2f {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
