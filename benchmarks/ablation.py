@@ -1,16 +1,18 @@
-"""The paper's ablation on the built-in crowd of digits: one-to-few vs one-to-one vs
-one-to-many (+/- NMS), under one training budget.
+"""The paper's ablation on the built-in crowd of digits: one-to-few vs one-to-one vs the
+other end-to-end rules (DeFCN's POTO, YOLOv10's dual assignment) vs one-to-many (+/- NMS),
+under one training budget.
 
     python benchmarks/ablation.py --out runs/ablation [--budget 1.0] [--classes 1]
-        [--variant crowd|sparse] [--modes o2f o2o o2m] [--set K=V ...]
+        [--variant crowd|sparse] [--modes o2f o2o poto poto_aux dual o2m] [--set K=V ...]
 
-Trains the ``digits`` preset three times on the crowd variant (same data, seed,
-iterations and model; only ``model.assign`` differs) and evaluates o2f without NMS, o2o
-without NMS, o2m with NMS (IoU 0.6) and o2m without NMS. Writes ``results.json``,
-``results.md`` (a Markdown table), ``ap.png`` (a bar chart) and side-by-side pictures of
-crowded val images (o2f without NMS | o2m with NMS) to ``--out``. Every variant without
-NMS is also evaluated with it (class-wise NMS at ``model.nms_iou``), for "AP gained by
-NMS": what NMS still adds to a detector that is meant not to need it.
+Trains the ``digits`` preset once per mode on the crowd variant (same data, seed,
+iterations and network; only the assignment differs) and evaluates o2f, o2o, poto,
+poto + aux and dual without NMS, o2m with NMS (IoU 0.6) and o2m without NMS. Writes
+``results.json``, ``results.md`` (a Markdown table), ``ap.png`` (a bar chart) and
+side-by-side pictures of crowded val images (o2f without NMS | o2m with NMS) to
+``--out``. Every variant without NMS is also evaluated with it (class-wise NMS at
+``model.nms_iou``), for "AP gained by NMS": what NMS still adds to a detector that is
+meant not to need it.
 
 The duplicate rate counts, per image, detections scoring at least 0.3 that overlap
 (IoU >= 0.5, same class) a higher-scored detection matched to the same ground truth.
@@ -34,8 +36,14 @@ from o2f.engine import model_from_checkpoint, predict, train
 from o2f.evaluation import coco_evaluate
 from o2f.evaluation.duplicates import duplicate_pairs, duplicate_rate
 
-VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("o2m + NMS", "o2m", True),
-            ("o2m, no NMS", "o2m", False)]
+# Each mode trains one model: model.assign and what else sets it apart.
+MODES = {"o2f": ["model.assign=o2f"], "o2o": ["model.assign=o2o"],
+         "poto": ["model.assign=poto"], "poto_aux": ["model.assign=poto", "model.poto_aux=true"],
+         "dual": ["model.assign=dual"], "o2m": ["model.assign=o2m"]}
+# (row, mode, NMS): every row without NMS is also evaluated with it (the "+ NMS" columns).
+VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("poto", "poto", False),
+            ("poto + aux", "poto_aux", False), ("dual", "dual", False),
+            ("o2m + NMS", "o2m", True), ("o2m, no NMS", "o2m", False)]
 
 
 @torch.inference_mode()
@@ -161,8 +169,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0,
                         help="multiplies the digits preset's epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", default=["o2f", "o2o", "o2m"],
-                        choices=["o2f", "o2o", "o2m"], help="assignments to train")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="assignments to train (poto_aux: poto with its auxiliary loss)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every mode (a variation of the recipe; "
                              "give it its own --out)")
@@ -177,7 +185,7 @@ def main() -> None:
     rows = []
     timings = {}
     for mode in args.modes:
-        cfg = load_config("digits", [f"model.assign={mode}", f"model.num_classes={args.classes}",
+        cfg = load_config("digits", [*MODES[mode], f"model.num_classes={args.classes}",
                                      f"train.seed={args.seed}", *args.set])
         cfg.train.epochs = max(1, round(cfg.train.epochs * args.budget))
         cfg.train.eval_every = 0
@@ -215,7 +223,7 @@ def main() -> None:
                     "duplicates_per_image": duplicate_rate(val_set.coco, with_nms)}
                 rows[-1]["AP_gained_by_nms"] = m_nms["AP"] - metrics["AP"]
             rows[-1]["anatomy"], soft_anchors = diagnose(model, val_set)
-            if m != "o2m" and not nms:
+            if m in ("o2f", "o2o") and not nms:
                 rows[-1]["soft_anchors"] = soft_anchors
             print(rows[-1])
     if {"o2f", "o2m + NMS"} <= set(runs):

@@ -32,7 +32,7 @@ class ModelConfig:
     obj_channels: int = 64
     obj_convs: int = 3
     # one-to-few assignment (docs/algorithm.md section 2)
-    assign: str = "o2f"  # o2f | o2o | o2m
+    assign: str = "o2f"  # o2f | o2o | o2m | poto (DeFCN) | dual (YOLOv10)
     o2f_topk: int = 7
     alpha: float = 0.8
     radius: float = 1.5
@@ -45,6 +45,7 @@ class ModelConfig:
     t_end_at: float = 1.0  # iter schedule: fraction of training where t reaches t_end, held
     o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
+    poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss
     # inference (docs/algorithm.md section 4)

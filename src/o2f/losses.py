@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+if TYPE_CHECKING:
+    from o2f.assign import Assignment
 
 
 def reduce_mean(x: Tensor) -> Tensor:
@@ -94,3 +100,99 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
     p = probs.float().flatten(1)
     g = targets.float().flatten(1)
     return 1 - 2 * (p * g).sum(1) / ((p * p).sum(1) + (g * g).sum(1) + eps)
+
+
+def joint_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor,
+                     valid: Tensor | None = None, alpha: float = 0.25,
+                     gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss (alpha 0.25, gamma 2) on the joint score p = sigmoid(cls) *
+    sigmoid(obj), summed over all N x C entries: DeFCN's loss on its filtered score.
+    cls_logits (N, C), obj_logits (N,); labels (N,) int64 with C for background."""
+    num_classes = cls_logits.shape[1]
+    log_p, log_1mp = joint_log_probs(cls_logits, obj_logits)
+    target = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(torch.float32)
+    p = torch.exp(log_p)
+    loss = torch.where(target > 0, -alpha * (1 - p).pow(gamma) * log_p,
+                       -(1 - alpha) * p.pow(gamma) * log_1mp)
+    if valid is not None:
+        loss = loss * valid.reshape(-1, 1)
+    return loss.sum()
+
+
+def joint_bce_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor,
+                   soft_labels: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy of the joint score p against soft targets, summed over all
+    N x C entries: target ``soft_labels[i]`` at a positive point's class, 0 elsewhere (the
+    YOLOv8 / v10 classification loss with task-aligned targets)."""
+    num_classes = cls_logits.shape[1]
+    log_p, log_1mp = joint_log_probs(cls_logits, obj_logits)
+    target = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(torch.float32)
+    target = target * soft_labels.float().reshape(-1, 1)
+    loss = -(target * log_p + (1 - target) * log_1mp)
+    if valid is not None:
+        loss = loss * valid.reshape(-1, 1)
+    return loss.sum()
+
+
+def _num_positives(a: Assignment, num_classes: int) -> Tensor:
+    count = (a.labels < num_classes).sum().to(torch.float32)
+    return reduce_mean(count).clamp(min=1)
+
+
+def soft_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                         valid: Tensor | None) -> dict[str, Tensor]:
+    """o2f / o2o: the soft focal loss on p per positive point."""
+    num_classes = cls_logits.shape[1]
+    loss = soft_focal_loss(cls_logits, obj_logits, a.labels, a.soft_labels, a.weights, valid)
+    return {"loss_cls": loss / _num_positives(a, num_classes)}
+
+
+def fcos_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                   valid: Tensor | None) -> dict[str, Tensor]:
+    """o2m: FCOS's focal loss on the classification logits, and BCE of the objectness
+    (FCOS's centerness branch) against the positives' centerness, per positive point."""
+    num_classes = cls_logits.shape[1]
+    num_pos = _num_positives(a, num_classes)
+    pos = torch.nonzero(a.labels < num_classes).squeeze(1)
+    losses = {"loss_cls": focal_loss(cls_logits, a.labels, valid) / num_pos}
+    if pos.numel() > 0:
+        losses["loss_obj"] = F.binary_cross_entropy_with_logits(
+            obj_logits[pos].float(), centerness(a.box_targets[pos]), reduction="sum") / num_pos
+    else:
+        losses["loss_obj"] = obj_logits.sum() * 0.0
+    return losses
+
+
+def joint_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                          valid: Tensor | None) -> dict[str, Tensor]:
+    """POTO: focal loss on the joint score p, per positive point."""
+    num_classes = cls_logits.shape[1]
+    loss = joint_focal_loss(cls_logits, obj_logits, a.labels, valid)
+    return {"loss_cls": loss / _num_positives(a, num_classes)}
+
+
+def cls_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                        valid: Tensor | None) -> dict[str, Tensor]:
+    """POTO's auxiliary loss: focal loss on the classification logits alone."""
+    num_classes = cls_logits.shape[1]
+    return {"loss_cls": focal_loss(cls_logits, a.labels, valid) / _num_positives(a, num_classes)}
+
+
+def joint_bce_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                        valid: Tensor | None) -> dict[str, Tensor]:
+    """dual: BCE of p against the task-aligned targets, per unit of target (their sum)."""
+    loss = joint_bce_loss(cls_logits, obj_logits, a.labels, a.soft_labels, valid)
+    norm = reduce_mean(a.soft_labels.sum().float().detach()).clamp(min=1)
+    return {"loss_cls": loss / norm}
+
+
+# The classification objectives, by the name an Assignment carries (``Assignment.loss``):
+# (cls_logits (N, C), obj_logits (N,), the batch's Assignment, valid (N,) or None) -> the
+# normalised losses. The box loss (GIoU) is the detector's, the same for all.
+DENSE_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {
+    "soft_focal": soft_focal_objective,
+    "fcos": fcos_objective,
+    "focal": joint_focal_objective,
+    "focal_cls": cls_focal_objective,
+    "bce": joint_bce_objective,
+}

@@ -7,23 +7,17 @@ losses, ``model(images)`` in eval mode a list of ``{boxes, scores, labels}``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from o2f.assign import Assignment, box_distances, one_to_few, one_to_many
+from o2f.assign import Assignment, DensePrediction, box_distances, get_rule
 from o2f.config import ModelConfig
 from o2f.data.transforms import PIXEL_MEAN, PIXEL_STD
-from o2f.losses import (
-    centerness,
-    focal_loss,
-    reduce_mean,
-    soft_focal_loss,
-    weighted_giou_loss,
-)
+from o2f.losses import DENSE_LOSSES, centerness, weighted_giou_loss
 from o2f.model.backbone import FPN, build_backbone
 from o2f.model.head import O2FHead, decode, make_points
 
@@ -33,7 +27,8 @@ class HeadOutputs:
     """Dense outputs of a batch, N points over all levels (P3 first).
 
     cls_logits (B, N, C); box_ltrb (B, N, 4) pixels; obj_logits (B, N); points (N, 2)
-    pixels; strides (N,); level_shapes: (H_l, W_l) of each level's map.
+    pixels; strides (N,); level_shapes: (H_l, W_l) of each level's map; one_to_many: the
+    same of the head's one-to-many branch (``model.assign=dual``, training only), else None.
     """
 
     cls_logits: Tensor
@@ -42,6 +37,7 @@ class HeadOutputs:
     points: Tensor
     strides: Tensor
     level_shapes: list[tuple[int, int]]
+    one_to_many: HeadOutputs | None = field(default=None, kw_only=True)
 
     @property
     def level_sizes(self) -> list[int]:
@@ -66,6 +62,7 @@ class O2F(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        get_rule(cfg.assign)  # an unknown model.assign fails here, not at the first step
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights,
                                        frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval)
@@ -74,7 +71,8 @@ class O2F(nn.Module):
         self.head = O2FHead(cfg.fpn_channels, cfg.num_classes, self.strides,
                             channels=cfg.head_channels, num_convs=cfg.head_convs,
                             obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
-                            max_filter=cfg.max_filter)
+                            max_filter=cfg.max_filter,
+                            one_to_many_branch=cfg.assign == "dual")
 
     # ------------------------------------------------------------------ pre-processing
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None
@@ -104,11 +102,16 @@ class O2F(nn.Module):
 
     # ------------------------------------------------------------------ network
     def forward_dense(self, batch: Tensor) -> HeadOutputs:
+        """Dense outputs of a normalised, padded batch (B, 3, H, W); in training with the
+        head's one-to-many branch, that branch's outputs too (never at inference)."""
         feats = self.neck(self.backbone(batch))
         cls_logits, box_ltrb, obj_logits = self.head(feats)
         shapes = [(f.shape[-2], f.shape[-1]) for f in feats]  # symbolic when exported
         points, strides = make_points(shapes, self.strides, batch.device)
-        return HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, shapes)
+        out = HeadOutputs(cls_logits, box_ltrb, obj_logits, points, strides, shapes)
+        if self.training and self.head.one_to_many is not None:
+            out.one_to_many = HeadOutputs(*self.head.one_to_many(feats), points, strides, shapes)
+        return out
 
     def forward(self, images: list[Tensor] | Tensor, targets: list[dict] | None = None, *,
                 image_sizes: list[tuple[int, int]] | None = None, t: float | None = None,
@@ -149,72 +152,61 @@ class O2F(nn.Module):
     # ------------------------------------------------------------------ training
     def assign(self, out: HeadOutputs, targets: list[dict], t: float, *,
                soft_anchors: bool = True) -> list[Assignment]:
-        cfg = self.cfg
+        """The assignment ``model.assign`` names (:data:`o2f.assign.ASSIGNMENTS`), per
+        image, on the detached predictions; targets' boxes in the batch's pixels."""
+        rule = get_rule(self.cfg.assign)
         with torch.no_grad():
-            prob = torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(
-                out.obj_logits.float())[..., None]
-            pred_boxes = decode(out.points, out.box_ltrb.detach().float())
+            preds = _dense_predictions(out)
             result = []
-            for i, tgt in enumerate(targets):
-                gt_boxes = tgt["boxes"].to(prob).reshape(-1, 4)
-                gt_labels = tgt["labels"].to(prob.device, torch.int64).reshape(-1)
-                if cfg.assign == "o2m":
-                    result.append(one_to_many(out.points, out.strides, gt_boxes, gt_labels,
-                                              num_classes=cfg.num_classes, radius=cfg.radius))
-                else:
-                    k = 1 if cfg.assign == "o2o" or not soft_anchors else cfg.o2f_topk
-                    result.append(one_to_few(
-                        out.points, out.strides, prob[i], pred_boxes[i], gt_boxes, gt_labels,
-                        num_classes=cfg.num_classes, t=t, topk=k, alpha=cfg.alpha,
-                        radius=cfg.radius, soft_weight=cfg.soft_weight,
-                        level_shapes=out.level_shapes))
+            for pred, tgt in zip(preds, targets, strict=True):
+                gt_boxes = tgt["boxes"].to(pred.scores).reshape(-1, 4)
+                gt_labels = tgt["labels"].to(pred.scores.device, torch.int64).reshape(-1)
+                result.append(rule(pred, gt_boxes, gt_labels, self.cfg, t=t,
+                                   soft_anchors=soft_anchors))
         return result
 
     def losses(self, out: HeadOutputs, targets: list[dict], t: float, *,
                soft_anchors: bool = True) -> dict[str, Tensor]:
-        """loss_cls (soft focal / focal), loss_box (GIoU x reg_weight), and for o2m loss_obj."""
-        if self.cfg.assign not in ("o2f", "o2o", "o2m"):
-            raise ValueError(f"model.assign must be o2f, o2o or o2m, got '{self.cfg.assign}'")
+        """The losses the assignment names (``Assignment.loss``: loss_cls, for o2m also
+        loss_obj) plus loss_box (GIoU x reg_weight); a second set of targets
+        (``Assignment.aux``) adds the same keys with the suffix ``_aux``."""
         return self.detection_losses(out, targets, self.assign(
             out, targets, t, soft_anchors=soft_anchors))
 
     def detection_losses(self, out: HeadOutputs, targets: list[dict],
                          assignments: list[Assignment]) -> dict[str, Tensor]:
         """The losses of :meth:`losses` from given assignments (one per image)."""
+        losses = self._dense_losses(out, targets, assignments)
+        if assignments and assignments[0].aux is not None:
+            aux_out = out.one_to_many if out.one_to_many is not None else out
+            aux = self._dense_losses(aux_out, targets, [a.aux for a in assignments])
+            losses.update({f"{k}_aux": v for k, v in aux.items()})
+        return losses
+
+    def _dense_losses(self, out: HeadOutputs, targets: list[dict],
+                      assignments: list[Assignment]) -> dict[str, Tensor]:
+        """Classification losses (``DENSE_LOSSES[a.loss]``) and, when the targets regress,
+        the GIoU loss weighted by ``a.box_weights`` (default: the targets' centerness)."""
         cfg = self.cfg
-        num_images = len(targets)
-        labels = torch.cat([a.labels for a in assignments])
-        box_targets = torch.cat([a.box_targets for a in assignments])
+        a = Assignment.cat(assignments)
         cls_logits = out.cls_logits.reshape(-1, cfg.num_classes)
         obj_logits = out.obj_logits.reshape(-1)
-        ltrb = out.box_ltrb.reshape(-1, 4)
-        points = out.points.repeat(num_images, 1)
         valid = self._valid_points(out.points, targets, assignments)
-
-        pos = torch.nonzero(labels < cfg.num_classes).squeeze(1)
-        num_pos = reduce_mean(torch.tensor(float(pos.numel()), device=labels.device)).clamp(min=1)
-        if cfg.assign == "o2m":
-            loss_cls = focal_loss(cls_logits, labels, valid) / num_pos
-        else:
-            soft_labels = torch.cat([a.soft_labels for a in assignments])
-            weights = torch.cat([a.weights for a in assignments])
-            loss_cls = soft_focal_loss(cls_logits, obj_logits, labels, soft_labels, weights,
-                                       valid) / num_pos
-        losses = {"loss_cls": loss_cls}
+        losses = DENSE_LOSSES[a.loss](cls_logits, obj_logits, a, valid)
+        if not a.regress:
+            return losses
+        ltrb = out.box_ltrb.reshape(-1, 4)
+        points = out.points.repeat(len(assignments), 1)
+        pos = torch.nonzero(a.labels < cfg.num_classes).squeeze(1)
         # Computed even without positives: its normaliser is a collective that every
         # process must join, whatever its own images hold.
-        ctr = centerness(box_targets[pos])
+        weight = (centerness(a.box_targets[pos]) if a.box_weights is None
+                  else a.box_weights[pos])
         pred = decode(points[pos], ltrb[pos])
-        target = decode(points[pos], box_targets[pos])
-        losses["loss_box"] = cfg.reg_weight * weighted_giou_loss(pred, target, ctr)
+        target = decode(points[pos], a.box_targets[pos])
+        losses["loss_box"] = cfg.reg_weight * weighted_giou_loss(pred, target, weight)
         if pos.numel() == 0:  # still touch the graph so every parameter gets a (zero) gradient
             losses["loss_box"] = losses["loss_box"] + ltrb.sum() * 0.0
-        if cfg.assign == "o2m":
-            if pos.numel() > 0:
-                losses["loss_obj"] = F.binary_cross_entropy_with_logits(
-                    obj_logits[pos].float(), ctr, reduction="sum") / num_pos
-            else:
-                losses["loss_obj"] = obj_logits.sum() * 0.0
         return losses
 
     def _valid_points(self, points: Tensor, targets: list[dict],
@@ -301,6 +293,16 @@ class O2F(nn.Module):
             out_b[i, : keep.numel()], out_s[i, : keep.numel()] = b[keep], s[keep]
             out_l[i, : keep.numel()], out_p[i, : keep.numel()] = lab[keep], p[keep]
         return out_b, out_s, out_l, out_p
+
+
+def _dense_predictions(out: HeadOutputs) -> list[DensePrediction]:
+    """Per image, what the assignment rules read of the detached outputs (float32)."""
+    prob = torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(out.obj_logits.float())[..., None]
+    boxes = decode(out.points, out.box_ltrb.detach().float())
+    o2m = [None] * len(prob) if out.one_to_many is None else _dense_predictions(out.one_to_many)
+    return [DensePrediction(out.points, out.strides, out.level_shapes, prob[i], boxes[i],
+                            out.cls_logits[i].detach().float(), one_to_many=o2m[i])
+            for i in range(len(prob))]
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:

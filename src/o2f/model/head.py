@@ -80,6 +80,11 @@ class O2FHead(nn.Module):
         With ``max_filter`` the reg tower outputs pass through :class:`MaxFilter3D` (across
         levels) before this branch, as DeFCN's filter branch does.
 
+    With ``one_to_many_branch`` (``model.assign=dual``) the head holds a second head of the
+    same shape, ``one_to_many``, trained beside it with one-to-many targets and never run
+    at inference; this head then reads the FPN features detached (YOLOv10's rule: the
+    backbone and neck learn from the one-to-many branch only).
+
     ``forward(feats)`` returns, with N = sum_l H_l * W_l (level P3 first, row-major):
       cls_logits (B, N, C), box_ltrb (B, N, 4) pixels, obj_logits (B, N).
     """
@@ -87,7 +92,7 @@ class O2FHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], *,
                  channels: int = 256, num_convs: int = 4, obj_channels: int = 64,
                  obj_convs: int = 3, prior_prob: float = 0.01,
-                 max_filter: bool = False) -> None:
+                 max_filter: bool = False, one_to_many_branch: bool = False) -> None:
         super().__init__()
         self.num_classes, self.strides = num_classes, list(strides)
         self.cls_tower = _tower(in_channels, channels, num_convs)
@@ -103,6 +108,10 @@ class O2FHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.one_to_many = O2FHead(in_channels, num_classes, strides, channels=channels,
+                                   num_convs=num_convs, obj_channels=obj_channels,
+                                   obj_convs=obj_convs, prior_prob=prior_prob,
+                                   ) if one_to_many_branch else None
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return self.forward_features(feats)[:3]
@@ -112,6 +121,8 @@ class O2FHead(nn.Module):
         """:meth:`forward`'s outputs plus the reg tower's maps of each level (for heads
         that read more off them)."""
         cls_all, box_all, obj_all = [], [], []
+        if self.one_to_many is not None:
+            feats = [f.detach() for f in feats]
         reg_feats = [self.reg_tower(feat) for feat in feats]
         obj_feats = self.max_filter(reg_feats) if self.max_filter is not None else reg_feats
         for feat, reg_feat, obj_feat, scale, stride in zip(

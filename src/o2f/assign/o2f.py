@@ -1,0 +1,126 @@
+"""One-to-few assignment (the paper's rule, docs/algorithm.md section 2) and its
+soft-label ceiling t. ``topk=1`` is the o2o baseline."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from o2f.assign.common import (
+    Assignment,
+    DensePrediction,
+    _background,
+    _first_in_group,
+    _sort_groups,
+    candidate_pairs,
+    paired_box_iou,
+)
+from o2f.config import ModelConfig
+
+
+def soft_label_ceiling(epoch: float, num_epochs: int, start: float = 0.6,
+                       end: float = 0.2) -> float:
+    """The schedule t of the soft anchors' labels: ``start`` at epoch 0, ``end`` at the last.
+
+    t(e) = start + (end - start) * e / (E - 1), with e clamped to [0, E - 1]. Early in
+    training soft anchors are mostly positive (they help representation learning); late they
+    are mostly negative, which is what teaches the detector to leave out duplicates.
+    """
+    if num_epochs <= 1:
+        return end
+    e = min(max(float(epoch), 0.0), num_epochs - 1.0)
+    return start + (end - start) * e / (num_epochs - 1)
+
+
+def soft_label_ceiling_by_iter(progress: float, start: float = 0.6, end: float = 0.2,
+                               end_at: float = 1.0) -> float:
+    """The ceiling t as a function of training progress (iterations done / all iterations).
+
+    t falls linearly from ``start`` at progress 0 to ``end`` at progress ``end_at`` and holds
+    there: with ``end_at < 1`` the last ``1 - end_at`` of training (the duplicate-removal
+    phase) still has learning rate to spend at the final t. ``end_at = 1`` is the release's
+    linear fall, continuous in the iteration instead of stepping once per epoch.
+    """
+    if end_at <= 0:
+        return end
+    return start + (end - start) * min(max(float(progress), 0.0) / end_at, 1.0)
+
+
+
+def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
+               gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
+               topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
+               soft_weight: float = 0.4,
+               level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
+    """One-to-few assignment of one image (docs/algorithm.md section 2).
+
+    points (N, 2) and strides (N,) of the cells; cls_prob (N, C) the joint score
+    p = sigmoid(cls) * sigmoid(obj); pred_boxes (N, 4) decoded predictions; gt_boxes (G, 4);
+    gt_labels (G,) int64. Per gt: one certain positive (label 1, weight 1), up to
+    ``topk - 1`` soft anchors (label prob / max prob of the gt's soft anchors * t, weight
+    ``soft_weight``), everything else negative. ``topk=1`` is the o2o baseline.
+    ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
+    candidate search O(G) instead of O(N x G); the result is the same.
+
+    Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
+    """
+    num_points, num_gts = points.shape[0], gt_boxes.shape[0]
+    out = _background(num_points, num_classes, pred_boxes)
+    if num_gts == 0:
+        return out
+
+    # 1-3. Candidate pairs and their quality prob^(1 - alpha) * IoU^alpha.
+    point_idx, gt_idx = candidate_pairs(points, strides, gt_boxes, radius, level_shapes)
+    iou = paired_box_iou(pred_boxes[point_idx], gt_boxes[gt_idx])
+    prob = cls_prob[point_idx, gt_labels[gt_idx]]
+    quality = prob.pow(1 - alpha) * iou.pow(alpha)
+
+    # 4. Each gt picks its k_j = min(topk, #candidates with IoU > 0) best pairs by quality.
+    k_per_gt = torch.bincount(gt_idx[iou > 0], minlength=num_gts).clamp(max=topk)
+    order = _sort_groups(gt_idx, quality)
+    first = _first_in_group(gt_idx[order])
+    position = torch.arange(order.numel(), device=order.device)
+    rank = position - torch.cummax(torch.where(first, position, 0), 0).values
+    picked = order[(rank < k_per_gt[gt_idx[order]]) & (quality[order] > 0)]
+
+    # 5. A point picked by several gts goes where its quality is highest; exact ties go to
+    # the lower gt index (picked is ordered by gt, and the sorts below are stable).
+    picked = picked[torch.sort(quality[picked], descending=True, stable=True).indices]
+    picked = picked[torch.sort(point_idx[picked], stable=True).indices]
+    won = picked[_first_in_group(point_idx[picked])]
+
+    # 6. Per gt, best quality first: the certain positive, then the soft anchors.
+    won = won[_sort_groups(gt_idx[won], quality[won])]
+    pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
+    certain = _first_in_group(pos_gt)
+    soft_prob = torch.where(certain, 0.0, pos_prob)
+    max_soft_prob = soft_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, soft_prob, "amax")
+    soft = pos_prob / max_soft_prob[pos_gt].clamp(min=torch.finfo(pos_prob.dtype).tiny) * t
+
+    # 7. Class and (l, t, r, b) regression target of every positive.
+    box = gt_boxes[pos_gt]
+    p = points[pos]
+    out.gt_index[pos] = pos_gt
+    out.labels[pos] = gt_labels[pos_gt]
+    out.box_targets[pos] = torch.cat([p - box[:, :2], box[:, 2:] - p], 1)
+    out.soft_labels[pos] = torch.where(certain, 1.0, soft)
+    out.weights[pos] = torch.where(certain, 1.0, soft_weight)
+    return out
+
+
+
+def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
+               *, t: float, soft_anchors: bool = True) -> Assignment:
+    """``model.assign=o2f``: one-to-few with ``model.o2f_topk``, or k = 1 in the last phase
+    without soft anchors (``soft_anchors=False``, ``model.o2o_from``)."""
+    return one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
+                      num_classes=cfg.num_classes, t=t,
+                      topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
+                      radius=cfg.radius, soft_weight=cfg.soft_weight,
+                      level_shapes=pred.level_shapes)
+
+
+def assign_o2o(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
+               *, t: float, soft_anchors: bool = True) -> Assignment:
+    """``model.assign=o2o``: the paper's one-to-one baseline, one-to-few with k = 1."""
+    return assign_o2f(pred, gt_boxes, gt_labels, cfg, t=t, soft_anchors=False)
