@@ -52,7 +52,8 @@ def test_coco_preset_without_its_data_points_to_the_layout(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("key, make, message", [
     ("data.train.ann_file", None, "annotation file not found"),
-    ("data.train.ann_file", "dir", "annotation file not a file"),
+    ("data.train.ann_file", "dir",
+     "annotation file not a file, nor a folder of VOC or YOLO annotations"),
     ("data.train.img_dir", None, "image folder not found"),
     ("data.train.img_dir", "file", "image folder not a folder"),
     ("data.val.ann_file", None, "annotation file not found"),

@@ -46,6 +46,22 @@ def _path_problem(path: Path, folder: bool | None) -> str | None:
     return None
 
 
+def _annotation_folder_problem(path: Path, fmt: str) -> str | None:
+    """None when the folder ``path`` holds annotations of a folder format (VOC, YOLO)."""
+    from o2f.data import DatasetError
+    from o2f.data.formats import detect_format
+
+    if fmt in ("coco", "odgt", "csv"):
+        return "not a file"
+    if fmt:
+        return None
+    try:
+        detect_format(path)
+    except DatasetError:
+        return "not a file, nor a folder of VOC or YOLO annotations"
+    return None
+
+
 def check_inputs(cfg: Any, splits: tuple[str, ...]) -> None:
     """Stop before any work when an input the config names is missing or unreadable: the
     splits' annotation file and image folder, and a local backbone weight file. The error
@@ -61,6 +77,8 @@ def check_inputs(cfg: Any, splits: tuple[str, ...]) -> None:
         for key, folder in (("ann_file", None), ("img_dir", True)):
             value = getattr(part, key)
             problem = _path_problem(Path(value), folder) if value else None
+            if problem is None and folder is None and Path(value).is_dir():
+                problem = _annotation_folder_problem(Path(value), part.format or cfg.data.format)
             if problem is None:
                 continue
             default = preset is not None and getattr(getattr(preset.data, split), key) == value
