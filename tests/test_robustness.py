@@ -56,7 +56,7 @@ def test_resume_without_a_checkpoint_says_so(rectangles, tmp_path):
 
 
 def test_out_of_memory_gives_a_hint(rectangles, tmp_path, monkeypatch):
-    def exhausted(self, out, targets, t):
+    def exhausted(self, out, targets, t, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(engine.O2F, "losses", exhausted)
