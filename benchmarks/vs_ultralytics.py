@@ -19,8 +19,9 @@ evaluated with o2f's ``coco_evaluate`` on the same val split (all scores >= 0.00
 Prints and writes (``results.md``, ``results.json``) AP, AP50, AP75, AR100, AP gained by
 NMS, duplicates per image (detections scoring >= 0.3 that repeat a better one on the same
 object), parameters and CPU latency per image (one image at a time, pre- and
-post-processing included, median over the first 30 val images). ``--num-train``,
-``--num-val`` and ``--epochs`` make a small smoke run.
+post-processing included, median over the first 30 val images). Parameters are those of
+the end-to-end model (Ultralytics' one-to-many head, unused at inference, is left out).
+``--num-train``, ``--num-val`` and ``--epochs`` make a small smoke run.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def run_o2f(cfg, work: Path, val_set) -> dict:
     with torch.inference_mode():
         latency = median_latency(lambda img: model([img]), images)
     return evaluate("o2f digits", val_set, lambda: detections(False), lambda: detections(True),
-                    latency, sum(p.numel() for p in model.parameters()),
+                    latency, sum(p.numel() for n, p in model.named_parameters()
+                                 if ".one_to_many." not in n),
                     json.loads(seconds.read_text()))
 
 
@@ -166,7 +168,11 @@ def run_ultralytics(name: str, data_yaml: Path, work: Path, budget: float, val_s
     latency = median_latency(
         lambda p: model.predict(p, conf=SCORE, max_det=MAX_DETS, nms=False, imgsz=imgsz,
                                 device="cpu", verbose=False), list(paths.values()))
-    params = sum(p.numel() for p in model.model.parameters())
+    # parameters of the end-to-end model: without the one-to-many head it drops at inference
+    head = model.model.model[-1]
+    unused = (sum(p.numel() for n in ("cv2", "cv3") for p in getattr(head, n).parameters())
+              if getattr(head, "one2one_cv2", None) is not None else 0)
+    params = sum(p.numel() for p in model.model.parameters()) - unused
     return evaluate(name, val_set, lambda: detections(False), lambda: detections(None),
                     latency, params, json.loads(seconds.read_text()))
 

@@ -159,15 +159,18 @@ def test_training_on_a_fixed_batch_lowers_the_loss(assign, aux):
         {"loss_cls_aux", "loss_box_aux"} if assign == "dual" else set())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(25):
+    # dual's BCE is normalised by the sum of its targets, which grows from ~0 as the
+    # boxes start to overlap their gts: its loss rises before it falls
+    for _ in range(25 if assign == "dual" else 12):
         losses = model([image], [target])
         assert set(losses) == keys
+        assert all(torch.isfinite(v) and v >= 0 for v in losses.values()), losses
         total = sum(losses.values())
         history.append(total.item())
         opt.zero_grad()
         total.backward()
         opt.step()
-    assert sum(history[-5:]) / 5 < 0.7 * sum(history[:5]) / 5, history
+    assert sum(history[-3:]) / 3 < 0.7 * sum(history[:3]) / 3, history
 
 
 def test_dual_export_holds_the_one_to_one_branch_only(tmp_path):
@@ -188,7 +191,9 @@ def test_dual_export_holds_the_one_to_one_branch_only(tmp_path):
     branch = sum(p.numel() for p in model.head.one_to_many.parameters())
     total = sum(p.numel() for p in model.parameters())
     stored = sum(torch.Size(i.dims).numel() for i in inits)
-    assert total - branch - 64 <= stored <= total - branch + 64  # a few constants besides
+    # the one-to-one model's parameters (give or take folded norms and a few constants),
+    # far from the whole model's
+    assert abs(stored - (total - branch)) < branch / 10
     image = torch.rand(3, 128, 128)
     onnx_scores = OnnxDetector(path)([image])[0]["scores"]
     with torch.no_grad():
