@@ -52,8 +52,8 @@ def launch(out: Path, variant: str, classes: int, lever: str, budget: float
     if LEVERS[lever][1]:
         cmd += ["--set", *LEVERS[lever][1]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(f"{work}.log", "w")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(f"{work}.log", "w") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def table(out: Path, variant: str, classes: int, levers: list[str], budget: float) -> str:

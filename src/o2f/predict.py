@@ -163,11 +163,8 @@ def predict_images(paths: list[Path], out_dir: str | Path, *,
     by tile and merged without NMS (:mod:`o2f.tiling`). An unreadable image stops the run
     with :class:`o2f.video.FrameError`; what was done before it is saved."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model is None:
-        model, class_names = load_detector(checkpoint, onnx, device, tile=tile,
-                                           overlap=overlap, batch_size=batch_size)
-    elif tile is not None:
-        model = _tiled(model, tile, overlap, batch_size)
+    model, class_names = _detector(model, class_names, checkpoint, onnx, device, tile,
+                                   overlap, batch_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
@@ -187,6 +184,18 @@ def predict_images(paths: list[Path], out_dir: str | Path, *,
         finally:
             (out_dir / "detections.json").write_text(json.dumps(records, indent=1))
     return records
+
+
+def _detector(model: Detector | None, class_names: list[str] | None,
+              checkpoint: str | Path | None, onnx: str | Path | None, device: str,
+              tile: int | None, overlap: int | None, batch_size: int
+              ) -> tuple[Detector, list[str] | None]:
+    """The given model (wrapped for tiling when ``tile`` is set), or one loaded from
+    ``checkpoint`` / ``onnx``, with its class names."""
+    if model is None:
+        return load_detector(checkpoint, onnx, device, tile=tile, overlap=overlap,
+                             batch_size=batch_size)
+    return (model if tile is None else _tiled(model, tile, overlap, batch_size)), class_names
 
 
 def _tiled(model: Detector, tile: int, overlap: int | None, batch_size: int) -> Detector:
@@ -210,11 +219,8 @@ def predict_video(path: str | Path, out_dir: str | Path, *,
 
     Returns ``{"frames", "seconds", "fps", "video", "jsonl"}``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model is None:
-        model, class_names = load_detector(checkpoint, onnx, device, tile=tile,
-                                           overlap=overlap, batch_size=batch_size)
-    elif tile is not None:
-        model = _tiled(model, tile, overlap, batch_size)
+    model, class_names = _detector(model, class_names, checkpoint, onnx, device, tile,
+                                   overlap, batch_size)
     path, out_dir = Path(path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     video_out, jsonl_out = out_dir / f"{path.stem}.mp4", out_dir / f"{path.stem}.jsonl"
