@@ -36,6 +36,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "combo": ("3D max filter + t by iteration to 0 at half of training",
               ["model.max_filter=true", "model.t_schedule=iter", "model.t_end_at=0.5",
                "model.t_end=0.0"]),
+    "centred": ("certain positive by quality x centerness of the point",
+                ["model.certain_by=centred"]),
+    "centred_t0": ("certain positive by quality x centerness, t ends at 0",
+                   ["model.certain_by=centred", "model.t_end=0.0"]),
 }
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from o2f.assign.common import centerness
+
 if TYPE_CHECKING:
     from o2f.assign import Assignment
 
@@ -62,14 +64,6 @@ def soft_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor, soft
     if valid is not None:
         negative = negative * valid.reshape(-1, 1)
     return negative.sum()
-
-
-def centerness(ltrb: Tensor) -> Tensor:
-    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of targets (P, 4)."""
-    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
-    ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-12)) * (
-        tb.min(1).values / tb.max(1).values.clamp(min=1e-12))
-    return ratio.clamp(min=0).sqrt()
 
 
 def weighted_giou_loss(pred_boxes: Tensor, target_boxes: Tensor, weights: Tensor) -> Tensor:

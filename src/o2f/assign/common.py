@@ -143,6 +143,14 @@ def candidate_pairs(points: Tensor, strides: Tensor, gt_boxes: Tensor, radius: f
     return point_idx[order], gt_idx[order]
 
 
+def centerness(ltrb: Tensor) -> Tensor:
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of targets (P, 4)."""
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    ratio = (lr.min(1).values / lr.max(1).values.clamp(min=1e-12)) * (
+        tb.min(1).values / tb.max(1).values.clamp(min=1e-12))
+    return ratio.clamp(min=0).sqrt()
+
+
 def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of boxes1[i] with boxes2[i]: (P, 4) x (P, 4) -> (P,)."""
     lt = torch.maximum(boxes1[:, :2], boxes2[:, :2])

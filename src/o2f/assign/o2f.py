@@ -13,6 +13,7 @@ from o2f.assign.common import (
     _first_in_group,
     _sort_groups,
     candidate_pairs,
+    centerness,
     paired_box_iou,
 )
 from o2f.config import ModelConfig
@@ -50,7 +51,7 @@ def soft_label_ceiling_by_iter(progress: float, start: float = 0.6, end: float =
 def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
-               soft_weight: float = 0.4,
+               soft_weight: float = 0.4, certain_by: str = "quality",
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -61,6 +62,10 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``soft_weight``), everything else negative. ``topk=1`` is the o2o baseline.
     ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
     candidate search O(G) instead of O(N x G); the result is the same.
+    ``certain_by="centred"`` (an option beyond the release) picks each gt's certain positive
+    by quality x the centerness of the point in the gt box instead of by quality alone, so
+    that of two neighbouring cells of equal quality the one nearer the centre wins, a rule
+    the network can see in its input; picks and soft labels are unchanged.
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -90,7 +95,13 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     won = picked[_first_in_group(point_idx[picked])]
 
     # 6. Per gt, best quality first: the certain positive, then the soft anchors.
-    won = won[_sort_groups(gt_idx[won], quality[won])]
+    key = quality[won]
+    if certain_by == "centred":
+        p, box = points[point_idx[won]], gt_boxes[gt_idx[won]]
+        key = key * centerness(torch.cat([p - box[:, :2], box[:, 2:] - p], 1))
+    elif certain_by != "quality":
+        raise ValueError(f"model.certain_by must be quality or centred, got {certain_by!r}")
+    won = won[_sort_groups(gt_idx[won], key)]
     pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
     certain = _first_in_group(pos_gt)
     soft_prob = torch.where(certain, 0.0, pos_prob)
@@ -117,7 +128,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       num_classes=cfg.num_classes, t=t,
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=cfg.soft_weight,
-                      level_shapes=pred.level_shapes)
+                      certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
 
 
 def assign_o2o(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
