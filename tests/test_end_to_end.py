@@ -1,12 +1,13 @@
 """The levers against o2f's remaining duplicates (docs/ablation.md, "End to end in fact"):
 the ceiling's schedule by iteration, the last phase without soft anchors and the 3D max
-filter. Each on hand-worked values; the release's recipe stays the default."""
+filter, the certain positive nearest the centre. Each on hand-worked values; the
+release's recipe stays the default."""
 
 import pytest
 import torch
 from torch import nn
 
-from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
+from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
 from o2f.config import load_config
 from o2f.engine import soft_label_phase
 from o2f.model.detector import O2F
@@ -82,6 +83,27 @@ def test_without_soft_anchors_the_assignment_is_o2os():
     b = model(images, targets, t=0.4)
     assert torch.allclose(a["loss_cls"], b["loss_cls"]) and torch.allclose(
         a["loss_box"], b["loss_box"])
+
+
+def test_certain_positive_by_quality_times_centerness():
+    # One gt (0, 0, 64, 64), centre (32, 32), two stride-8 cells predicting it exactly.
+    # A at (21, 28): prob 0.9, quality 0.9^0.2 = 0.979, centerness sqrt(21/43 * 28/36) = 0.616
+    # B at (28, 28): prob 0.8, quality 0.8^0.2 = 0.956, centerness 28/36 = 0.778
+    # By quality A is the certain positive; by quality x centerness B is (0.603 < 0.744).
+    points = torch.tensor([[21.0, 28.0], [28.0, 28.0]])
+    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    args = (points, torch.full((2,), 8.0), torch.tensor([[0.9], [0.8]]), gt.repeat(2, 1), gt,
+            torch.tensor([0]))
+    release = one_to_few(*args, num_classes=1, t=0.3)
+    centred = one_to_few(*args, num_classes=1, t=0.3, certain_by="centred")
+    assert release.soft_labels.tolist() == pytest.approx([1.0, 0.3])
+    assert release.weights.tolist() == pytest.approx([1.0, 0.4])
+    assert centred.soft_labels.tolist() == pytest.approx([0.3, 1.0])
+    assert centred.weights.tolist() == pytest.approx([0.4, 1.0])
+    assert torch.equal(release.box_targets, centred.box_targets)  # picks unchanged
+    with pytest.raises(ValueError, match="certain_by"):
+        one_to_few(*args, num_classes=1, t=0.3, certain_by="centre")
+    assert load_config("digits").model.certain_by == "quality"
 
 
 def test_max_filter_takes_the_maximum_over_space_and_neighbouring_levels():
