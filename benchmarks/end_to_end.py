@@ -40,6 +40,12 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                 ["model.certain_by=centred"]),
     "centred_t0": ("certain positive by quality x centerness, t ends at 0",
                    ["model.certain_by=centred", "model.t_end=0.0"]),
+    "sw1_t0": ("soft anchors at weight 1.0 instead of 0.4, t ends at 0",
+               ["model.soft_weight=1.0", "model.t_end=0.0"]),
+    "swe1_t0": ("soft anchors' weight 0.4 -> 1.0 with t, t ends at 0",
+                ["model.soft_weight_end=1.0", "model.t_end=0.0"]),
+    "swe2_t0": ("soft anchors' weight 0.4 -> 2.0 with t, t ends at 0",
+                ["model.soft_weight_end=2.0", "model.t_end=0.0"]),
 }
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
+from o2f.assign.o2f import soft_weight_at
 from o2f.config import load_config
 from o2f.engine import soft_label_phase
 from o2f.model.detector import O2F
@@ -51,9 +52,9 @@ def test_iteration_schedule_and_the_last_phase_without_soft_anchors():
         soft_label_phase(load_config("digits", ["model.t_schedule=cosine"]), 0, 0, 10)
 
 
-def _scene():
+def _scene(overrides: tuple[str, ...] = ()):
     torch.manual_seed(0)
-    cfg = load_config("digits", ["model.num_classes=3"]).model
+    cfg = load_config("digits", ["model.num_classes=3", *overrides]).model
     model = O2F(cfg)
     images = torch.randn(2, 3, 128, 160)
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 120.0, 100.0]]),
@@ -85,6 +86,25 @@ def test_without_soft_anchors_the_assignment_is_o2os():
         a["loss_box"], b["loss_box"])
 
 
+def test_soft_weight_follows_the_ceiling_to_its_end_value():
+    release = load_config("digits").model
+    assert [soft_weight_at(t, release) for t in (0.6, 0.4, 0.2)] == [0.4, 0.4, 0.4]
+    cfg = load_config("digits", ["model.soft_weight_end=2.0", "model.t_end=0.0"]).model
+    # t 0.6 -> 0.0; weight 0.4 -> 2.0: at t = 0.45 a quarter of the way, 0.4 + 1.6 / 4
+    assert soft_weight_at(0.6, cfg) == pytest.approx(0.4)
+    assert soft_weight_at(0.45, cfg) == pytest.approx(0.8)
+    assert soft_weight_at(0.0, cfg) == pytest.approx(2.0)
+    assert soft_weight_at(0.9, cfg) == pytest.approx(0.4)  # held outside the schedule
+    # and the assignment gives the soft anchors that weight
+    model, images, targets = _scene(["model.soft_weight_end=2.0", "model.t_end=0.0"])
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    for t, weight in ((0.6, 0.4), (0.15, 1.6)):
+        weights = {round(w, 4) for a in model.assign(out, targets, t)
+                   for w in a.weights[a.positive].tolist()}
+        assert weights == {1.0, weight}
+
+
 def test_certain_positive_by_quality_times_centerness():
     # One gt (0, 0, 64, 64), centre (32, 32), two stride-8 cells predicting it exactly.
     # A at (21, 28): prob 0.9, quality 0.9^0.2 = 0.979, centerness sqrt(21/43 * 28/36) = 0.616
@@ -101,6 +121,19 @@ def test_certain_positive_by_quality_times_centerness():
     assert centred.soft_labels.tolist() == pytest.approx([0.3, 1.0])
     assert centred.weights.tolist() == pytest.approx([0.4, 1.0])
     assert torch.equal(release.box_targets, centred.box_targets)  # picks unchanged
+    in_level = one_to_few(*args, num_classes=1, t=0.3, certain_by="centred_in_level")
+    assert in_level.soft_labels.tolist() == pytest.approx([0.3, 1.0])
+    # C, a stride-16 cell at (40, 40) with prob 0.95, has the best quality (0.990) and
+    # centerness 24/40 = 0.6: by quality x centerness B still wins (0.594 < 0.744); on the
+    # level of the best-quality pick C is the only cell, so it is the certain positive.
+    points3 = torch.cat([points, torch.tensor([[40.0, 40.0]])])
+    args3 = (points3, torch.tensor([8.0, 8.0, 16.0]), torch.tensor([[0.9], [0.8], [0.95]]),
+             gt.repeat(3, 1), gt, torch.tensor([0]))
+    by = {rule: one_to_few(*args3, num_classes=1, t=0.3, certain_by=rule).weights.tolist()
+          for rule in ("quality", "centred", "centred_in_level")}
+    assert by == {"quality": pytest.approx([0.4, 0.4, 1.0]),
+                  "centred": pytest.approx([0.4, 1.0, 0.4]),
+                  "centred_in_level": pytest.approx([0.4, 0.4, 1.0])}
     with pytest.raises(ValueError, match="certain_by"):
         one_to_few(*args, num_classes=1, t=0.3, certain_by="centre")
     assert load_config("digits").model.certain_by == "quality"

@@ -37,6 +37,7 @@ class ModelConfig:
     alpha: float = 0.8
     radius: float = 1.5
     soft_weight: float = 0.4
+    soft_weight_end: float | None = None  # None: constant; else the weight follows t to this
     t_start: float = 0.6
     t_end: float = 0.2
     # Levers for duplicate removal (docs/ablation.md, "End to end in fact"); the defaults
@@ -45,7 +46,7 @@ class ModelConfig:
     t_end_at: float = 1.0  # iter schedule: fraction of training where t reaches t_end, held
     o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
-    certain_by: str = "quality"  # quality (release) | centred: quality x centerness of the point
+    certain_by: str = "quality"  # quality (release) | centred | centred_in_level (o2f.py)
     poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss

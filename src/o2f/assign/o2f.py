@@ -47,6 +47,16 @@ def soft_label_ceiling_by_iter(progress: float, start: float = 0.6, end: float =
     return start + (end - start) * min(max(float(progress), 0.0) / end_at, 1.0)
 
 
+def soft_weight_at(t: float, cfg: ModelConfig) -> float:
+    """The soft anchors' loss weight when the ceiling is ``t``: ``model.soft_weight``
+    throughout (the release), or, with ``model.soft_weight_end`` set, moving with t from
+    ``soft_weight`` at ``t_start`` to ``soft_weight_end`` at ``t_end`` (linear in t, held
+    outside). A heavier weight at the end pushes harder on soft anchors as negatives."""
+    if cfg.soft_weight_end is None or cfg.t_start == cfg.t_end:
+        return cfg.soft_weight
+    f = min(max((cfg.t_start - t) / (cfg.t_start - cfg.t_end), 0.0), 1.0)
+    return cfg.soft_weight + (cfg.soft_weight_end - cfg.soft_weight) * f
+
 
 def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
@@ -62,10 +72,12 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``soft_weight``), everything else negative. ``topk=1`` is the o2o baseline.
     ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
     candidate search O(G) instead of O(N x G); the result is the same.
-    ``certain_by="centred"`` (an option beyond the release) picks each gt's certain positive
-    by quality x the centerness of the point in the gt box instead of by quality alone, so
-    that of two neighbouring cells of equal quality the one nearer the centre wins, a rule
-    the network can see in its input; picks and soft labels are unchanged.
+    ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
+    each gt's certain positive by quality x the centerness of the point in the gt box
+    (``"centred"``), or on the level of the best-quality pick, the cell nearest the centre
+    (``"centred_in_level"``), instead of by quality alone: of two neighbouring cells of
+    about equal quality the one nearer the centre wins, a rule the network can see in its
+    input.
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -96,11 +108,21 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
 
     # 6. Per gt, best quality first: the certain positive, then the soft anchors.
     key = quality[won]
-    if certain_by == "centred":
+    if certain_by in ("centred", "centred_in_level"):
         p, box = points[point_idx[won]], gt_boxes[gt_idx[won]]
-        key = key * centerness(torch.cat([p - box[:, :2], box[:, 2:] - p], 1))
+        centred = centerness(torch.cat([p - box[:, :2], box[:, 2:] - p], 1))
+        if certain_by == "centred":
+            key = key * centred
+        else:  # the level of the best-quality pick, and on it the cell nearest the centre
+            level = strides[point_idx[won]]
+            best_stride = level.new_zeros(num_gts)
+            order = _sort_groups(gt_idx[won], key)
+            first = _first_in_group(gt_idx[won][order])
+            best_stride[gt_idx[won][order][first]] = level[order][first]
+            key = (level == best_stride[gt_idx[won]]).float() * 2 + centred
     elif certain_by != "quality":
-        raise ValueError(f"model.certain_by must be quality or centred, got {certain_by!r}")
+        raise ValueError("model.certain_by must be quality, centred or centred_in_level, "
+                         f"got {certain_by!r}")
     won = won[_sort_groups(gt_idx[won], key)]
     pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
     certain = _first_in_group(pos_gt)
@@ -127,7 +149,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
     return one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
                       num_classes=cfg.num_classes, t=t,
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
-                      radius=cfg.radius, soft_weight=cfg.soft_weight,
+                      radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
 
 
