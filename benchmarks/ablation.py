@@ -53,8 +53,9 @@ def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[d
 
     anatomy: where its duplicates come from. For each duplicate (``duplicate_pairs``) the
     FPN level and cell of its point against those of the better detection it repeats; its
-    role for the object it repeats: a soft anchor, a positive of weight 1 (o2f's certain
-    positive; any o2m positive), or neither; and its score.
+    role for the object it repeats: a soft anchor (o2f's positives labelled below 1), another
+    positive (o2f's certain positive; any positive of the other rules), or neither; and its
+    score.
     soft anchors: how far the model follows its last soft labels, the scores p at the
     certain positives and at the soft anchors (with the soft anchors' targets).
     """
@@ -70,7 +71,9 @@ def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[d
 
         p = torch.sigmoid(out.cls_logits[0]) * torch.sigmoid(out.obj_logits[0])[:, None]
         pos = torch.nonzero(roles.positive).squeeze(1)
-        p_pos, is_certain = p[pos, roles.labels[pos]], roles.weights[pos] == 1
+        # o2f's soft anchors are its positives with a label below 1 (whatever their weight)
+        is_soft = (roles.soft_labels < 1) & (model.cfg.assign == "o2f")
+        p_pos, is_certain = p[pos, roles.labels[pos]], ~is_soft[pos]
         certain += p_pos[is_certain].tolist()
         soft += p_pos[~is_certain].tolist()
         soft_target += roles.soft_labels[pos][~is_certain].tolist()
@@ -93,7 +96,7 @@ def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[d
                 near = max(abs(yi - yj), abs(xi - xj)) <= 1
                 counts["same_level_adjacent" if near else "same_level_farther"] += 1
             if int(roles.gt_index[pi]) == g:
-                counts["soft_anchor" if float(roles.weights[pi]) < 1 else "positive"] += 1
+                counts["soft_anchor" if bool(is_soft[pi]) else "positive"] += 1
             dup_scores.append(float(scores[i]))
             best_scores.append(float(scores[j]))
 
