@@ -181,17 +181,23 @@ def test_bench_arguments_reach_run_bench(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(o2f.bench, "format_report", lambda r: f"report {r['o2f_eager_s']}")
     assert main(["bench"]) == 0
     assert calls[-1] == (("r50_1x", (800, 1216), 1, 5),
-                         {"onnx": True, "fcos": True, "threads": None})
+                         {"onnx": True, "fcos": True, "threads": None, "paths": []})
     assert capsys.readouterr().out.strip() == "report 0.25"
     out = tmp_path / "b.json"
     assert main(["bench", "--config", "digits", "--size", "128", "160", "--batch", "2",
                  "--repeats", "3", "--threads", "1", "--no-fcos",
                  "--json", str(out)]) == 0
     assert calls[-1] == (("digits", (128, 160), 2, 3),
-                         {"onnx": True, "fcos": False, "threads": 1})
+                         {"onnx": True, "fcos": False, "threads": 1, "paths": []})
     assert json.loads(out.read_text()) == {"o2f_eager_s": 0.25}
     assert main(["bench", "--no-onnx"]) == 0
-    assert calls[-1][1] == {"onnx": False, "fcos": True, "threads": None}
+    assert calls[-1][1] == {"onnx": False, "fcos": True, "threads": None, "paths": []}
+    # --dtype / --backend become backend:dtype paths (eager and onnxruntime float32 are the
+    # report's own rows; onnxruntime has no bf16, eager no int8)
+    assert main(["bench", "--dtype", "fp32", "bfloat16", "int8", "--backend", "eager",
+                 "onnxruntime", "openvino"]) == 0
+    assert calls[-1][1]["paths"] == ["eager:bf16", "onnxruntime:int8", "openvino:float32",
+                                     "openvino:bf16", "openvino:int8"]
 
 
 def test_demo_arguments_reach_run_demo(monkeypatch):

@@ -33,11 +33,33 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """The machine's float32 matmul speed, for context."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32
+                  ) -> float:
+    """The machine's matmul speed (n x n by n x n) in ``dtype``, for context."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = min(timed(lambda: a @ b, repeats))
     return 2 * n**3 / best / 1e9
+
+
+def conv_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5,
+                shape: tuple[int, int, int] = (256, 100, 152)) -> float:
+    """The machine's 3x3 convolution speed in ``dtype``: C -> C channels on a C x H x W
+    map, channels_last (a ResNet/FPN layer at 800 x 1216 input, stride 8)."""
+    c, h, w = shape
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(dtype=dtype,
+                                                          memory_format=torch.channels_last)
+    x = torch.randn(1, c, h, w, dtype=dtype).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        best = min(timed(lambda: conv(x), repeats))
+    return 2 * c * c * 9 * h * w / best / 1e9
+
+
+def peaks(repeats: int = 3) -> dict[str, float]:
+    """Measured float32 and bfloat16 matmul / conv speeds (GFLOP/s) of this machine."""
+    return {"matmul_gflops": matmul_gflops(repeats=repeats),
+            "matmul_bf16_gflops": matmul_gflops(repeats=repeats, dtype=torch.bfloat16),
+            "conv_gflops": conv_gflops(repeats=repeats),
+            "conv_bf16_gflops": conv_gflops(torch.bfloat16, repeats=repeats)}
 
 
 def count_flops(model: nn.Module, *args: Any) -> float:
@@ -101,7 +123,12 @@ def o2f_postprocess_seconds(model: O2F, images: list[torch.Tensor], repeats: int
 
 def run_bench(preset: str = "r50_1x", size: tuple[int, int] = (800, 1216), batch: int = 1,
               repeats: int = 5, onnx: bool = True, fcos: bool = True, prior: float = 0.05,
-              threads: int | None = None, work_dir: str | Path = "runs/bench") -> dict:
+              threads: int | None = None, work_dir: str | Path = "runs/bench",
+              paths: list[str] | None = None) -> dict:
+    """Latency of O2F eager float32 (and onnxruntime float32 with ``onnx``) beside
+    torchvision FCOS float32 eager, plus every path of ``paths`` ("backend:dtype", dtype
+    float32, bf16 or int8: e.g. "eager:bf16", "onnxruntime:int8", "openvino:bf16"), and
+    the machine's measured float32 / bfloat16 peaks. Seconds are medians of ``repeats``."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -112,8 +139,8 @@ def run_bench(preset: str = "r50_1x", size: tuple[int, int] = (800, 1216), batch
     model.fuse_batchnorm()
     images = [torch.rand(3, *size) for _ in range(batch)]
     report: dict[str, Any] = {"preset": preset, "size": list(size), "batch": batch,
-                              "threads": torch.get_num_threads(),
-                              "matmul_gflops": matmul_gflops()}
+                              "threads": torch.get_num_threads(), **peaks(),
+                              "cpu": _cpu_name(), "paths": {}}
 
     def run_o2f():
         with torch.inference_mode():
@@ -132,6 +159,9 @@ def run_bench(preset: str = "r50_1x", size: tuple[int, int] = (800, 1216), batch
         export_onnx(model, path, size=padded, batch=batch)
         detector = OnnxDetector(path, cfg.model, threads=threads)
         report["o2f_onnx_s"] = statistics.median(timed(lambda: detector(images), repeats))
+    if paths:
+        report["paths"] = time_paths(model, cfg, images, paths, Path(work_dir), repeats,
+                                     threads)
     if fcos:
         tv = build_fcos(size, prior)
 
@@ -146,9 +176,70 @@ def run_bench(preset: str = "r50_1x", size: tuple[int, int] = (800, 1216), batch
     return report
 
 
+def _cpu_name() -> str:
+    from o2f.precision import cpu_features
+
+    return cpu_features().describe()
+
+
+def time_paths(model: O2F, cfg, images: list[torch.Tensor], paths: list[str], work_dir: Path,
+               repeats: int, threads: int | None) -> dict[str, float]:
+    """Median seconds of each "backend:dtype" path through :func:`o2f.deploy.load_backend`
+    (graph backends read one fixed-size float32 export, or its int8 form calibrated on the
+    benchmark's own images); a path whose runtime is missing is reported and skipped."""
+    from o2f.deploy import MissingBackendError, load_backend
+
+    out: dict[str, float] = {}
+    graph = None
+    for item in paths:
+        backend, _, dtype = item.partition(":")
+        dtype = dtype or "float32"
+        try:
+            source: Any = model
+            if backend != "eager":
+                if graph is None:
+                    graph = _fixed_graph(model, images, work_dir)
+                source = graph
+                if dtype == "int8":
+                    source, dtype = _int8_graph(backend, graph, images, work_dir), "float32"
+            predictor = load_backend(backend, source, dtype, threads=threads)
+        except MissingBackendError as e:
+            print(f"skipping {item}: {e}")
+            continue
+        out[item] = statistics.median(timed(lambda p=predictor: p(images), repeats))
+    return out
+
+
+def _fixed_graph(model: O2F, images: list[torch.Tensor], work_dir: Path) -> Path:
+    from o2f.export import export_onnx
+
+    size = tuple(-(-s // 32) * 32 for s in images[0].shape[-2:])
+    return export_onnx(model, work_dir / f"o2f_{size[0]}x{size[1]}.onnx", size=size,
+                       batch=len(images))
+
+
+def _int8_graph(backend: str, graph: Path, images: list[torch.Tensor], work_dir: Path) -> Path:
+    """The int8 form of ``graph`` for ``backend``, calibrated on ``images``."""
+    from torchvision.utils import save_image
+
+    calib = work_dir / "calib"
+    calib.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image(image, calib / f"{i}.png")
+    if backend == "openvino":
+        from o2f.deploy.openvino import quantize_int8
+    else:
+        from o2f.deploy.onnxruntime import quantize_int8
+    return quantize_int8(graph, work_dir / f"{graph.stem}_{backend}_int8.onnx", calib)
+
+
 def format_report(r: dict) -> str:
     lines = [f"preset {r['preset']}, {r['size'][0]}x{r['size'][1]}, batch {r['batch']}, "
-             f"{r['threads']} threads; machine matmul {r['matmul_gflops']:.0f} GFLOP/s"]
+             f"{r['threads']} threads; {r.get('cpu', '')}",
+             f"  measured peaks (GFLOP/s): matmul float32 {r['matmul_gflops']:.0f}"]
+    if "conv_gflops" in r:
+        lines[-1] += (f", bf16 {r['matmul_bf16_gflops']:.0f}; 3x3 conv float32 "
+                      f"{r['conv_gflops']:.0f}, bf16 {r['conv_bf16_gflops']:.0f}")
 
     def row(name: str, seconds: float, flops: float | None = None) -> str:
         ips = r["batch"] / seconds
@@ -160,6 +251,8 @@ def format_report(r: dict) -> str:
     lines.append(row("o2f eager (PyTorch)", r["o2f_eager_s"], r["o2f_flops"]))
     if "o2f_onnx_s" in r:
         lines.append(row("o2f onnxruntime", r["o2f_onnx_s"], r["o2f_flops"]))
+    for name, seconds in r.get("paths", {}).items():
+        lines.append(row(f"o2f {name}", seconds, r["o2f_flops"]))
     if "fcos_eager_s" in r:
         lines.append(row("torchvision FCOS eager", r["fcos_eager_s"], r["fcos_flops"]))
         lines.append(f"  post-processing: o2f {r['o2f_post_s'] * 1e3:.2f} ms "
@@ -169,6 +262,18 @@ def format_report(r: dict) -> str:
                      + (f", o2f onnxruntime {r['o2f_onnx_s'] / r['fcos_eager_s']:.3f}"
                         if "o2f_onnx_s" in r else "")
                      + f", post-processing {r['o2f_post_s'] / r['fcos_post_s']:.3f}")
+        if r.get("paths"):
+            lines.append("  paths vs FCOS eager: " + ", ".join(
+                f"{name} {s / r['fcos_eager_s']:.3f}" for name, s in r["paths"].items()))
+    if "conv_bf16_gflops" in r:
+        times = {"eager float32": r["o2f_eager_s"], **r.get("paths", {})}
+        if "o2f_onnx_s" in r:
+            times["onnxruntime float32"] = r["o2f_onnx_s"]
+        name, best = min(times.items(), key=lambda kv: kv[1])
+        achieved = r["o2f_flops"] / best / 1e9
+        lines.append(f"  fastest o2f path: {name}, {achieved:.0f} GFLOP/s = "
+                     f"{achieved / r['conv_bf16_gflops']:.0%} of the bf16 conv peak, "
+                     f"{achieved / r['conv_gflops']:.0%} of the float32 conv peak")
     return "\n".join(lines)
 
 
@@ -180,4 +285,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--no-fcos", action="store_true")
+    p.add_argument("--dtype", nargs="+", default=["float32"], type=str.lower,
+                   choices=["float32", "fp32", "bf16", "bfloat16", "int8"],
+                   help="precisions to time for each --backend (default float32; int8 "
+                        "quantises the graph backends, calibrated on the benchmark images)")
+    p.add_argument("--backend", nargs="+", default=["eager", "onnxruntime"],
+                   choices=["eager", "onnxruntime", "openvino"],
+                   help="runtimes to time (default eager onnxruntime)")
     p.add_argument("--json", help="also write the figures to this JSON file")

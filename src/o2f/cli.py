@@ -113,13 +113,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from o2f import distributed as du
     from o2f.config import load_config
     from o2f.data import build_dataset
+    from o2f.deploy import load_backend
     from o2f.engine import evaluate, model_from_checkpoint, setup_logging
 
     device = du.init_from_env()
     setup_logging(None)
     cfg = load_config(args.config, args.overrides) if args.config else None
-    model, cfg, _ = model_from_checkpoint(args.checkpoint, cfg, device)
+    if Path(args.checkpoint).suffix in (".onnx", ".xml"):  # an exported graph
+        if cfg is None:
+            raise SystemExit("o2f eval: an exported graph needs --config (for the val split)")
+        source: Any = args.checkpoint
+    else:
+        source, cfg, _ = model_from_checkpoint(args.checkpoint, cfg, device)
     check_inputs(cfg, ("val",))
+    model = load_backend(args.backend, source, args.dtype, device=device)
     if args.tile:
         from o2f.tiling import TiledDetector
 
@@ -173,7 +180,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise SystemExit("o2f predict: --overlap needs --tile")
     images, videos = _input_paths(args.inputs)
     model, names = load_detector(args.checkpoint, args.onnx, tile=args.tile,
-                                 overlap=args.overlap, batch_size=args.batch_size)
+                                 overlap=args.overlap, batch_size=args.batch_size,
+                                 backend=args.backend, dtype=args.dtype)
     common = {"model": model, "class_names": names, "score_thresh": args.score_thresh,
               "batch_size": args.batch_size}
     if images:
@@ -220,16 +228,37 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
     from o2f.engine import model_from_checkpoint
     from o2f.export import export_onnx, onnx_ops
 
+    if args.int8 != bool(args.calib):
+        raise SystemExit("o2f export: --int8 needs --calib DIR (images to calibrate on), "
+                         "and --calib needs --int8")
+    if args.int8 and args.two_inputs:
+        raise SystemExit("o2f export: --int8 covers the default one-input graph")
     model, _, ckpt = model_from_checkpoint(args.checkpoint)
-    path = export_onnx(model, args.out, size=tuple(args.size), dynamic=args.dynamic,
+    out = Path(args.out)
+    float_graph = out if args.format == "onnx" and not args.int8 else Path(
+        tempfile.mkdtemp(prefix="o2f-export-")) / "float32.onnx"
+    path = export_onnx(model, float_graph, size=tuple(args.size), dynamic=args.dynamic,
                        class_names=ckpt.get("class_names"), two_inputs=args.two_inputs)
+    if args.format == "onnx" and args.int8:
+        from o2f.deploy.onnxruntime import quantize_int8
+
+        path = quantize_int8(float_graph, out, args.calib)
+    elif args.format == "openvino":
+        from o2f.deploy import openvino
+
+        path = (openvino.quantize_int8(float_graph, out, args.calib) if args.int8
+                else openvino.save_ir(float_graph, out))
     inputs = ("images (normalised, padded), sizes" if args.two_inputs
               else "images (B x 3 x H x W RGB in [0, 1])")
-    print(f"wrote {path}: inputs {inputs}; outputs boxes, scores, labels; "
-          f"{len(onnx_ops(path))} operator types, none of them NMS")
+    kind = f"{args.format}{' int8' if args.int8 else ''}"
+    nms = ("none of them NMS" if path.suffix == ".xml"
+           else f"{len(onnx_ops(path))} operator types, none of them NMS")
+    print(f"wrote {path} ({kind}): inputs {inputs}; outputs boxes, scores, labels; {nms}")
     return 0
 
 
@@ -249,9 +278,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from o2f.bench import format_report, run_bench
+    from o2f.precision import dtype_name, parse_dtype
 
+    dtypes = [d if d == "int8" else dtype_name(parse_dtype(d)) for d in args.dtype]
+    # eager and onnxruntime float32 are always timed (their own rows)
+    paths = [f"{b}:{d}" for b in args.backend for d in dict.fromkeys(dtypes)
+             if (b, d) not in (("eager", "float32"), ("onnxruntime", "float32"))
+             and not (b == "eager" and d == "int8") and not (b == "onnxruntime" and d == "bf16")]
     report = run_bench(args.config, tuple(args.size), args.batch, args.repeats,
-                       onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads)
+                       onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads,
+                       paths=paths)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
@@ -263,6 +299,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, data_dir=args.data, epochs=args.epochs, overrides=args.overrides)
     return 0
+
+
+def _add_runtime(p: argparse.ArgumentParser, default_backend: str | None = "eager") -> None:
+    from o2f.deploy import BACKENDS
+
+    p.add_argument("--dtype", type=str.lower, default="float32",
+                   choices=["float32", "fp32", "bf16", "bfloat16"],
+                   help="float32 (default) or bf16: bfloat16 autocast (eager) or inference "
+                        "precision (openvino); fast where the CPU has AMX or AVX512-BF16")
+    p.add_argument("--backend", choices=BACKENDS, default=default_backend,
+                   help="eager (PyTorch, default), onnxruntime or openvino (these two "
+                        "export a checkpoint on the fly, or run an exported graph)"
+                   + ("" if default_backend else "; default eager, or onnxruntime for --onnx"))
 
 
 def _add_tiling(p: argparse.ArgumentParser) -> None:
@@ -291,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--metrics-out", help="write the metrics JSON here")
     p.add_argument("--results-out", help="write the detections (COCO results JSON) here")
+    _add_runtime(p)
     _add_tiling(p)
     p.set_defaults(func=cmd_eval)
 
@@ -305,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiling(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="frames (or tiles, with --tile) per forward pass (default 8)")
+    _add_runtime(p, default_backend=None)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export an NMS-free ONNX graph")
@@ -318,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-inputs", action="store_true",
                    help="the earlier graph form: a normalised, padded batch and its sizes "
                         "(default: one input, images in [0, 1])")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx (default, float32) or openvino (IR: OUT.xml and OUT.bin)")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 post-training quantisation (onnx: QDQ for onnxruntime; "
+                        "openvino: NNCF), calibrated on --calib")
+    p.add_argument("--calib", metavar="DIR", help="folder of images to calibrate int8 on")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="convert a checkpoint of the authors' release")

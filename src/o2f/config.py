@@ -109,8 +109,7 @@ class TrainConfig:
     schedule: str = "step"  # step | cosine
     steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs where lr *= 0.1
     grad_clip: float | None = None
-    amp: bool = True  # CUDA only; bfloat16 autocast
-    amp_dtype: str = "bfloat16"
+    amp: str = "auto"  # auto | bf16 | fp16 | off; auto: bf16 where the CPU/GPU runs it natively
     channels_last: bool = True  # NHWC weights and activations: faster convolutions
     eval_every: int = 1
     seed: int = 0
@@ -284,6 +283,10 @@ def _field_type(obj: Any, name: str) -> tuple[type, bool]:
     return typing.get_origin(base) or base, optional
 
 
+# String keys that older configs (or YAML's reading of "off") give as booleans.
+_BOOL_SPELLINGS = {"train.amp": {True: "auto", False: "off"}}
+
+
 def _coerce(value: Any, kind: type, optional: bool, key: str, source: str) -> Any:
     """Convert a YAML-parsed value to the field's documented type, or raise ConfigError.
     ``None`` (``null`` in YAML) is accepted only where the field allows it."""
@@ -321,6 +324,8 @@ def _coerce(value: Any, kind: type, optional: bool, key: str, source: str) -> An
     if kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in _BOOL_SPELLINGS:  # YAML reads off/on as booleans
+            return _BOOL_SPELLINGS[key][value]
         raise error
     if kind is list:
         items = value if isinstance(value, list) else [value]

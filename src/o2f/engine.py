@@ -14,13 +14,14 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
 from o2f.config import Config, ConfigError, config_from_dict, save_config
 from o2f.data import build_dataset, collate_eval, collate_train
 from o2f.model.detector import O2F, create_model
+from o2f.precision import autocast, resolve_amp
 
 log = logging.getLogger("o2f")
 
@@ -311,12 +313,6 @@ class EventWriter:
 
 # --------------------------------------------------------------------------- training
 
-def _autocast(device: torch.device, cfg: Config):
-    enabled = cfg.train.amp and device.type == "cuda"
-    dtype = getattr(torch, cfg.train.amp_dtype)
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def soft_label_phase(cfg: Config, epoch: int, iteration: int, iters_per_epoch: int
                      ) -> tuple[float, bool]:
     """The schedule the loss is given at ``epoch`` and global ``iteration``: the ceiling t
@@ -361,6 +357,9 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
     train_set = build_dataset(cfg, "train")
     val_set = build_dataset(cfg, "val") if cfg.train.eval_every > 0 else None
     model = create_model(cfg.model).to(device)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    # float16 needs loss scaling (its range is narrow); bfloat16 has float32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if cfg.train.channels_last:  # convolutions then output NHWC from NCHW inputs too
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and world > 1:
@@ -377,6 +376,8 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         ckpt = load_checkpoint(last)
         load_weights(model, ckpt["model"], str(last))
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
         _set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d, iteration %d of the epoch", last,
@@ -401,6 +402,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             save_checkpoint(last, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "state": asdict(state), "rng": _rng_state(), "config": cfg.to_dict(),
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 "class_names": list(train_set.class_names), "cat_ids": list(train_set.cat_ids),
             })
         du.barrier()
@@ -428,7 +430,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
             targets = _to_device(targets, device)
             state.replaced_images += sum(int(tg.get("replaced", 0)) for tg in targets)
             try:
-                with _autocast(device, cfg):
+                with autocast(device, amp_dtype):
                     losses = net(images, targets, image_sizes=sizes, t=t,
                                  soft_anchors=soft_anchors)
                 total = sum(losses.values())
@@ -437,7 +439,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
                     f"out of memory at iteration {state.global_iter} on a batch of "
                     f"{images.shape[0]} images of {images.shape[2]}x{images.shape[3]} px per "
                     f"process: lower train.batch_size (the lr follows), data.max_size / "
-                    f"data.min_size, or enable mixed precision (train.amp=true, CUDA); "
+                    f"data.min_size, or enable mixed precision (train.amp=bf16); "
                     f"{last} holds the last checkpoint") from e
             finite = torch.isfinite(total.detach()).float()
             if world > 1:
@@ -454,10 +456,12 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
                 log.warning("skipped a non-finite step at iteration %d: %s",
                             state.global_iter, terms)
             else:
-                total.backward()
+                scaler.scale(total).backward()
                 if cfg.train.grad_clip:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
             state.iter_in_epoch += 1
             state.global_iter += 1
             if du.is_main():
@@ -481,7 +485,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         last_epoch = state.epoch >= cfg.train.epochs or state.global_iter >= stop_at
         if val_set is not None and (last_epoch or (
                 finished_epoch and state.epoch % cfg.train.eval_every == 0)):
-            metrics = evaluate(model, val_set, cfg, device)
+            metrics = evaluate(model, val_set, cfg, device, dtype=amp_dtype)
             events.write("metrics.jsonl", {**metrics, "epoch": state.epoch}, state.global_iter)
     if state.replaced_images:
         log.warning("%d unreadable training images were replaced", state.replaced_images)
@@ -493,13 +497,19 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
 # --------------------------------------------------------------------------- evaluation
 
 @torch.inference_mode()
-def predict(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
-            desc: str = "eval") -> list[dict[str, Any]]:
+def predict(model: nn.Module | Callable[[list[Tensor]], list[dict]], dataset: Dataset,
+            cfg: Config, device: torch.device, *, desc: str = "eval",
+            dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Detections of this process's share of ``dataset`` in the COCO results format
     (``image_id``, ``category_id``, ``bbox`` as x, y, w, h in original pixels, ``score``;
-    for the instance model also ``segmentation``, the mask as COCO RLE with str counts)."""
-    was_training = model.training
-    model.eval()
+    for the instance model also ``segmentation``, the mask as COCO RLE with str counts).
+
+    ``model`` is the network (run in eval mode, under ``dtype`` autocast when given) or any
+    detector callable, such as a :mod:`o2f.deploy` predictor (run as it is)."""
+    is_module = isinstance(model, nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
     indices = list(range(du.rank(), len(dataset), du.world_size()))  # type: ignore[arg-type]
     loader = DataLoader(torch.utils.data.Subset(dataset, indices),
                         batch_size=cfg.train.eval_batch_size, collate_fn=collate_eval,
@@ -507,7 +517,7 @@ def predict(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
     results = []
     for images, targets in tqdm(loader, desc=desc, disable=not du.is_main(),
                                 dynamic_ncols=True, leave=False):
-        with _autocast(device, cfg):
+        with autocast(device, dtype if is_module else None):
             detections = model([img.to(device, non_blocking=True) for img in images])
         for det, tgt in zip(detections, targets, strict=True):
             boxes = det["boxes"].float().cpu()
@@ -521,7 +531,8 @@ def predict(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
                                 "bbox": [round(v, 3) for v in box], "score": round(score, 5)})
                 if rles is not None:
                     results[-1]["segmentation"] = rles[j]
-    model.train(was_training)
+    if is_module:
+        model.train(was_training)
     return results
 
 
@@ -538,15 +549,15 @@ def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
     return rles
 
 
-def evaluate(model: O2F, dataset: Dataset, cfg: Config, device: torch.device, *,
-             results_out: str | Path | None = None, per_class: bool = False
-             ) -> dict[str, float]:
+def evaluate(model: nn.Module | Callable[[list[Tensor]], list[dict]], dataset: Dataset,
+             cfg: Config, device: torch.device, *, results_out: str | Path | None = None,
+             per_class: bool = False, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Run and score the detector on ``dataset`` (sharded over processes, scored on rank 0
-    and shared with all)."""
+    and shared with all); ``model`` and ``dtype`` as in :func:`predict`."""
     from o2f.evaluation import evaluate_detections
 
     start = time.perf_counter()
-    results = [r for part in du.all_gather_object(predict(model, dataset, cfg, device))
+    results = [r for part in du.all_gather_object(predict(model, dataset, cfg, device, dtype=dtype))
                for r in part]
     metrics: dict[str, float] = {}
     if du.is_main():

@@ -137,10 +137,15 @@ class OnnxDetector:
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
-        self.two_inputs = len(inputs) == 2
-        shape = inputs[0].shape
+        self._setup(path, len(inputs), inputs[0].shape,
+                    self.session.get_modelmeta().custom_metadata_map, model_cfg)
+
+    def _setup(self, path: str | Path, num_inputs: int, shape: list, meta: dict[str, str],
+               model_cfg: ModelConfig | None) -> None:
+        """What every runtime reads off a graph: its input form (one or two inputs), a
+        fixed input size (H, W) or None, and the o2f metadata (config, class names)."""
+        self.two_inputs = num_inputs == 2
         self.fixed = tuple(shape[2:]) if all(isinstance(s, int) for s in shape[2:]) else None
-        meta = self.session.get_modelmeta().custom_metadata_map
         if model_cfg is None:
             if "o2f_model_config" not in meta:
                 raise ValueError(f"{path}: no o2f config in the graph's metadata")
@@ -160,8 +165,12 @@ class OnnxDetector:
             batch = nn.functional.pad(batch, (0, w - batch.shape[3], 0, h - batch.shape[2]))
         feed = {"images": batch.numpy().astype(np.float32),
                 "sizes": np.asarray(sizes, dtype=np.float32)}
-        boxes, scores, labels = self.session.run(None, feed)
+        boxes, scores, labels = self._run(feed)
         return boxes, scores, labels
+
+    def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs (boxes, scores, labels) for ``feed``."""
+        return self.session.run(None, feed)
 
     def _prepare(self, image: Tensor) -> tuple[Tensor, int, int]:
         """One-input graphs: resize as the model does and pad a fixed-size graph's input
@@ -194,7 +203,7 @@ class OnnxDetector:
                 runs = [torch.cat([x for x, _, _ in prepared])]
             else:
                 runs = [x for x, _, _ in prepared]
-            outputs = [self.session.run(None, {"images": x.numpy()}) for x in runs]
+            outputs = [self._run({"images": x.numpy()}) for x in runs]
             boxes = np.concatenate([o[0] for o in outputs])
             scores = np.concatenate([o[1] for o in outputs])
             labels = np.concatenate([o[2] for o in outputs])

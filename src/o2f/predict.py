@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from o2f.engine import encode_masks, model_from_checkpoint
+from o2f.engine import encode_masks, load_checkpoint, model_from_checkpoint
 from o2f.video import (
     Frame,
     FrameError,
@@ -55,36 +55,31 @@ def draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[int], scores: li
 
 def load_detector(checkpoint: str | Path | None = None, onnx: str | Path | None = None,
                   device: str | None = None, *, tile: int | None = None,
-                  overlap: int | None = None, batch_size: int = 8
+                  overlap: int | None = None, batch_size: int = 8,
+                  backend: str | None = None, dtype: str | torch.dtype = "float32"
                   ) -> tuple[Detector, list[str]]:
     """A detector (list of 3 x H x W float images in [0, 1] -> list of boxes / scores /
     labels dicts, boxes x1y1x2y2 in each image's pixels) and its class names, from a
-    checkpoint or an exported ONNX graph (run by onnxruntime with the same pre-processing).
-    With ``tile``, each image is predicted tile by tile (:func:`o2f.tiling.predict_tiled`)."""
+    checkpoint or an exported graph, run by ``backend`` (:func:`o2f.deploy.load_backend`:
+    eager by default, onnxruntime for an ONNX file) in ``dtype``. With ``tile``, each
+    image is predicted tile by tile (:func:`o2f.tiling.predict_tiled`)."""
+    from o2f.deploy import load_backend
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if onnx is not None:
-        from o2f.export import OnnxDetector
-
-        runner = OnnxDetector(onnx)
-        class_names = runner.class_names
-        num_classes = runner.cfg.num_classes
-
-        def model(images: list[Tensor]) -> list[dict[str, Tensor]]:
-            return [{k: torch.from_numpy(v) for k, v in d.items()}
-                    for d in runner([img.cpu() for img in images])]
-    elif checkpoint is not None:
-        net, _, ckpt = model_from_checkpoint(checkpoint, device=device)
-        net.fuse_batchnorm()
-        class_names = ckpt.get("class_names") or []
-        num_classes = net.cfg.num_classes
-
-        def model(images: list[Tensor]) -> list[dict[str, Tensor]]:
-            with torch.inference_mode():
-                return net([img.to(device) for img in images])
-    else:
+    if onnx is None and checkpoint is None:
         raise ValueError("load_detector needs a checkpoint or an ONNX file")
-    class_names = class_names or [str(i) for i in range(num_classes)]
-    return (model if tile is None else _tiled(model, tile, overlap, batch_size)), class_names
+    backend = backend or ("onnxruntime" if onnx is not None else "eager")
+    if onnx is not None and backend == "eager":
+        raise ValueError("an exported graph runs with --backend onnxruntime or openvino")
+    source = onnx if onnx is not None else checkpoint
+    if backend == "eager":  # the model on the device it runs on
+        source, _, _ = model_from_checkpoint(checkpoint, device=device)
+        names = load_checkpoint(checkpoint).get("class_names")
+    else:
+        names = None
+    model = load_backend(backend, source, dtype, device=device, class_names=names)
+    return ((model if tile is None else _tiled(model, tile, overlap, batch_size)),
+            model.class_names)
 
 
 def predict_frames(model: Detector, frames: Iterable[Frame], *, class_names: list[str],

@@ -7,6 +7,7 @@ losses, ``model(images)`` in eval mode a list of ``{boxes, scores, labels}``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -87,17 +88,26 @@ class O2F(nn.Module):
         return batch, sizes, factor, targets
 
     def fuse_batchnorm(self) -> O2F:
-        """Fold every BatchNorm that directly follows a conv into that conv, for inference
-        (the model must stay in eval mode afterwards). Returns self."""
+        """Fold every BatchNorm (``nn.BatchNorm2d`` in eval mode, or torchvision's
+        ``FrozenBatchNorm2d``) that directly follows a conv into that conv's weight and bias,
+        for inference (the model must stay in eval mode afterwards). Returns self."""
+        from torch.nn.utils.fusion import fuse_conv_bn_weights
+        from torchvision.ops import FrozenBatchNorm2d
+
         if self.training:
             raise RuntimeError("fuse_batchnorm() is for inference: call model.eval() first")
         for module in self.modules():
             names = list(module._modules)
             for first, second in zip(names, names[1:], strict=False):
                 conv, bn = module._modules[first], module._modules[second]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[first] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-                    module._modules[second] = nn.Identity()
+                if not isinstance(conv, nn.Conv2d) or not isinstance(
+                        bn, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                    continue
+                fused = copy.deepcopy(conv)
+                fused.weight, fused.bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                    bn.weight, bn.bias)
+                module._modules[first], module._modules[second] = fused, nn.Identity()
         return self
 
     # ------------------------------------------------------------------ network

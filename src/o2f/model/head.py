@@ -116,6 +116,17 @@ class O2FHead(nn.Module):
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         return self.forward_features(feats)[:3]
 
+    def box_distances(self, reg_feat: Tensor, scale: Scale, stride: int) -> Tensor:
+        """ltrb (B, 4, H, W) in pixels from one level's reg tower map, in float32 even
+        under low-precision autocast: the distances reach the image size, where bfloat16's
+        8-bit mantissa would cost up to a few pixels, so the last conv, the scale and the
+        stride stay in float32 (a 4-channel conv: a negligible share of the work)."""
+        device = reg_feat.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return torch.relu(scale(self.reg_out(reg_feat.float()))) * stride
+        return torch.relu(scale(self.reg_out(reg_feat).float())) * stride
+
     def forward_features(self, feats: list[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """:meth:`forward`'s outputs plus the reg tower's maps of each level (for heads
@@ -127,10 +138,9 @@ class O2FHead(nn.Module):
         obj_feats = self.max_filter(reg_feats) if self.max_filter is not None else reg_feats
         for feat, reg_feat, obj_feat, scale, stride in zip(
                 feats, reg_feats, obj_feats, self.scales, self.strides, strict=True):
-            cls_all.append(self.cls_out(self.cls_tower(feat)).flatten(2))
-            box_all.append((torch.relu(scale(self.reg_out(reg_feat).float())) * stride)
-                           .flatten(2))
-            obj_all.append(self.obj_out(self.obj_tower(obj_feat)).flatten(2))
+            cls_all.append(self.cls_out(self.cls_tower(feat)).float().flatten(2))
+            box_all.append(self.box_distances(reg_feat, scale, stride).flatten(2))
+            obj_all.append(self.obj_out(self.obj_tower(obj_feat)).float().flatten(2))
         cls_logits = torch.cat(cls_all, 2).transpose(1, 2)
         box_ltrb = torch.cat(box_all, 2).transpose(1, 2)
         obj_logits = torch.cat(obj_all, 2)[:, 0]
