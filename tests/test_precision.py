@@ -101,7 +101,8 @@ def _train_and_watch(monkeypatch, rectangles, tmp_path, features):
         return model
 
     monkeypatch.setattr(engine, "create_model", create_model)
-    overrides = rect_overrides(rectangles, **{"train.max_iters": 2, "train.eval_every": 0})
+    overrides = rect_overrides(rectangles, **{"train.max_iters": 2, "train.eval_every": 0,
+                                                "train.amp": "auto"})
     args = ["train", "--config", "digits", "--work-dir", str(tmp_path)]
     for item in overrides:
         args += ["--set", item]
