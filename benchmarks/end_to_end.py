@@ -46,6 +46,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                 ["model.soft_weight_end=1.0", "model.t_end=0.0"]),
     "swe2_t0": ("soft anchors' weight 0.4 -> 2.0 with t, t ends at 0",
                 ["model.soft_weight_end=2.0", "model.t_end=0.0"]),
+    "swe3_t0": ("soft anchors' weight 0.4 -> 3.0 with t, t ends at 0",
+                ["model.soft_weight_end=3.0", "model.t_end=0.0"]),
 }
 
 
