@@ -354,6 +354,9 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
                          f"{world} processes")
     per_rank = cfg.train.batch_size // world
 
+    last = work_dir / "last.pt"
+    if resume and not last.exists():  # before any work or log line
+        raise CheckpointError(f"{last}: nothing to resume from")
     train_set = build_dataset(cfg, "train")
     val_set = build_dataset(cfg, "val") if cfg.train.eval_every > 0 else None
     model = create_model(cfg.model).to(device)
@@ -369,10 +372,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg)
     state = TrainState()
-    last = work_dir / "last.pt"
     if resume:
-        if not last.exists():
-            raise CheckpointError(f"{last}: nothing to resume from")
         ckpt = load_checkpoint(last)
         load_weights(model, ckpt["model"], str(last))
         optimizer.load_state_dict(ckpt["optimizer"])
