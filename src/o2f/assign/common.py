@@ -94,6 +94,11 @@ def box_distances(points: Tensor, boxes: Tensor) -> Tensor:
     return torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)
 
 
+def paired_distances(points: Tensor, boxes: Tensor) -> Tensor:
+    """(l, t, r, b) from points[i] (P, 2) to boxes[i] (P, 4): shape (P, 4)."""
+    return torch.cat([points - boxes[:, :2], boxes[:, 2:] - points], 1)
+
+
 def candidate_mask(points: Tensor, strides: Tensor, gt_boxes: Tensor, radius: float) -> Tensor:
     """(N, G) bool: point i lies strictly inside gt j's box clipped to the square of half-side
     ``radius * stride_i`` around gt j's centre. Every level may hold candidates."""
@@ -192,4 +197,4 @@ def _targets(out: Assignment, points: Tensor, pos: Tensor, pos_gt: Tensor, gt_bo
     box, p = gt_boxes[pos_gt], points[pos]
     out.gt_index[pos] = pos_gt
     out.labels[pos] = gt_labels[pos_gt]
-    out.box_targets[pos] = torch.cat([p - box[:, :2], box[:, 2:] - p], 1)
+    out.box_targets[pos] = paired_distances(p, box)

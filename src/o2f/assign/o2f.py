@@ -15,6 +15,7 @@ from o2f.assign.common import (
     candidate_pairs,
     centerness,
     paired_box_iou,
+    paired_distances,
 )
 from o2f.config import ModelConfig
 
@@ -109,8 +110,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     # 6. Per gt, best quality first: the certain positive, then the soft anchors.
     key = quality[won]
     if certain_by in ("centred", "centred_in_level"):
-        p, box = points[point_idx[won]], gt_boxes[gt_idx[won]]
-        centred = centerness(torch.cat([p - box[:, :2], box[:, 2:] - p], 1))
+        centred = centerness(paired_distances(points[point_idx[won]], gt_boxes[gt_idx[won]]))
         if certain_by == "centred":
             key = key * centred
         else:  # the level of the best-quality pick, and on it the cell nearest the centre
@@ -135,7 +135,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     p = points[pos]
     out.gt_index[pos] = pos_gt
     out.labels[pos] = gt_labels[pos_gt]
-    out.box_targets[pos] = torch.cat([p - box[:, :2], box[:, 2:] - p], 1)
+    out.box_targets[pos] = paired_distances(p, box)
     out.soft_labels[pos] = torch.where(certain, 1.0, soft)
     out.weights[pos] = torch.where(certain, 1.0, soft_weight)
     return out

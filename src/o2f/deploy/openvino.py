@@ -73,7 +73,11 @@ def save_ir(graph: str | Path, out: str | Path) -> Path:
     """Convert an ONNX graph to OpenVINO IR (``out`` .xml plus its .bin), keeping the o2f
     metadata in the IR's rt_info."""
     ov = require("openvino", "openvino")
-    model = ov.convert_model(str(graph))
+    return _save(ov, ov.convert_model(str(graph)), graph, out)
+
+
+def _save(ov, model, graph: str | Path, out: str | Path) -> Path:
+    """Write ``model`` as IR at ``out`` (.xml), with the o2f metadata of ``graph``."""
     for key, value in read_metadata(graph, None).items():
         model.set_rt_info(value, [key])
     out = Path(out).with_suffix(".xml")
@@ -99,11 +103,6 @@ def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *, limi
     quantized = nncf.quantize(
         model, nncf.Dataset(inputs), subset_size=len(inputs),
         ignored_scope=nncf.IgnoredScope(names=reg_out, validate=False))
-    for key, value in read_metadata(graph, None).items():
-        quantized.set_rt_info(value, [key])
-    out = Path(out).with_suffix(".xml")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(out), compress_to_fp16=False)
-    return out
+    return _save(ov, quantized, graph, out)
 
 
