@@ -48,6 +48,17 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                 ["model.soft_weight_end=2.0", "model.t_end=0.0"]),
     "swe3_t0": ("soft anchors' weight 0.4 -> 3.0 with t, t ends at 0",
                 ["model.soft_weight_end=3.0", "model.t_end=0.0"]),
+    "score": ("certain positive: the pick the network scores highest",
+              ["model.certain_by=score"]),
+    "score_t0": ("certain positive the highest-scoring pick, t ends at 0",
+                 ["model.certain_by=score", "model.t_end=0.0"]),
+    "score_swe1_t0": ("highest-scoring pick certain, soft weight 0.4 -> 1.0, t ends at 0",
+                      ["model.certain_by=score", "model.soft_weight_end=1.0",
+                       "model.t_end=0.0"]),
+    "cil": ("certain positive: on the best pick's level, the cell nearest the centre",
+            ["model.certain_by=centred_in_level"]),
+    "cil_t0": ("certain on the best pick's level nearest the centre, t ends at 0",
+               ["model.certain_by=centred_in_level", "model.t_end=0.0"]),
 }
 
 

@@ -73,6 +73,9 @@ def main() -> None:
     if args.config is None and args.overrides:
         cfg = load_config("digits", args.overrides)  # the checkpoint's model, these data
         cfg.model = model.cfg
+    # One image per batch on every path: the graphs run one image at a time, and a batch
+    # pads its images to a common size, which moves float32's own detections slightly.
+    cfg.train.eval_batch_size = 1
     dataset = build_dataset(cfg, "val")
     if args.limit:
         dataset = torch.utils.data.Subset(dataset, range(args.limit))

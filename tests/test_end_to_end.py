@@ -139,6 +139,24 @@ def test_certain_positive_by_quality_times_centerness():
     assert load_config("digits").model.certain_by == "quality"
 
 
+def test_certain_positive_by_score():
+    # One gt (0, 0, 64, 64), two cells. A: prob 0.9, predicted box (0, 0, 64, 38.4), IoU 0.6,
+    # quality 0.9^0.2 * 0.6^0.8 = 0.651. B: prob 0.7, box (0, 0, 64, 57.6), IoU 0.9,
+    # quality 0.7^0.2 * 0.9^0.8 = 0.856. By quality B is certain; by score A is, and B's
+    # soft label is then its prob over the best soft prob (its own) times t.
+    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 38.4], [0.0, 0.0, 64.0, 57.6]])
+    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
+            torch.tensor([[0.9], [0.7]]), boxes, gt, torch.tensor([0]))
+    release = one_to_few(*args, num_classes=1, t=0.3)
+    by_score = one_to_few(*args, num_classes=1, t=0.3, certain_by="score")
+    assert release.soft_labels.tolist() == pytest.approx([0.3, 1.0])
+    assert release.weights.tolist() == pytest.approx([0.4, 1.0])
+    assert by_score.soft_labels.tolist() == pytest.approx([1.0, 0.3])
+    assert by_score.weights.tolist() == pytest.approx([1.0, 0.4])
+    assert torch.equal(release.box_targets, by_score.box_targets)  # picks unchanged
+
+
 def test_max_filter_takes_the_maximum_over_space_and_neighbouring_levels():
     mf = MaxFilter3D(4)
     with torch.no_grad():  # conv = identity, so the filter's arithmetic shows

@@ -78,7 +78,9 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     (``"centred"``), or on the level of the best-quality pick, the cell nearest the centre
     (``"centred_in_level"``), instead of by quality alone: of two neighbouring cells of
     about equal quality the one nearer the centre wins, a rule the network can see in its
-    input.
+    input. ``"score"`` picks the one the network already scores highest: of two near-equal
+    neighbours the leader stays certain and the other is pushed down, so the pair stops
+    trading the role from one iteration to the next.
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -120,9 +122,11 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
             first = _first_in_group(gt_idx[won][order])
             best_stride[gt_idx[won][order][first]] = level[order][first]
             key = (level == best_stride[gt_idx[won]]).float() * 2 + centred
+    elif certain_by == "score":  # the pick the network already ranks first
+        key = prob[won]
     elif certain_by != "quality":
-        raise ValueError("model.certain_by must be quality, centred or centred_in_level, "
-                         f"got {certain_by!r}")
+        raise ValueError("model.certain_by must be quality, score, centred or "
+                         f"centred_in_level, got {certain_by!r}")
     won = won[_sort_groups(gt_idx[won], key)]
     pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
     certain = _first_in_group(pos_gt)

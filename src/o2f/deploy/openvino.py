@@ -89,20 +89,25 @@ def _save(ov, model, graph: str | Path, out: str | Path) -> Path:
 def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *, limit: int = 64
                   ) -> Path:
     """Write an int8 OpenVINO IR of the float32 ONNX ``graph`` by NNCF post-training
-    quantisation on up to ``limit`` images of ``calib``; the last regression conv, the
-    decoding and the top-k stay float32 (NNCF's ignored scope)."""
+    quantisation on up to ``limit`` images of ``calib``; the last regression conv (and the
+    first conv of each other reader of its input), the decoding and the top-k stay float32
+    (NNCF's ignored scope)."""
     ov = require("openvino", "openvino")
     nncf = require("nncf", "openvino int8")
     from o2f.deploy.onnxruntime import calibration_inputs
 
     inputs = calibration_inputs(graph, calib, limit)
     model = ov.convert_model(str(graph))
-    reg_out = [op.get_friendly_name() for op in model.get_ops()
-               if op.get_type_name() == "Convolution"
-               and "reg_out" in op.input_value(1).get_node().get_friendly_name()]
+    # NNCF quantises an activation once for all its readers: the regression tower's output
+    # is read by the last regression conv and by the objectness tower, so both stay float32
+    # or the box distances are computed from int8 features.
+    keep_float = [op.get_friendly_name() for op in model.get_ops()
+                  if op.get_type_name() == "Convolution" and any(
+                      name in op.input_value(1).get_node().get_friendly_name()
+                      for name in ("reg_out", "obj_tower.0.", "obj_out"))]
     quantized = nncf.quantize(
         model, nncf.Dataset(inputs), subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(names=reg_out, validate=False))
+        ignored_scope=nncf.IgnoredScope(names=keep_float, validate=False))
     return _save(ov, quantized, graph, out)
 
 
