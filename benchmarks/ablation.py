@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
+from o2f.checkpoint import model_from_checkpoint
 from o2f.config import SplitConfig, load_config
 from o2f.data import build_dataset
 from o2f.data.digits import make_digits
-from o2f.engine import model_from_checkpoint, predict, train
+from o2f.engine import predict, train
 from o2f.evaluation import coco_evaluate
 from o2f.evaluation.duplicates import duplicate_pairs, duplicate_rate
 
@@ -269,7 +270,7 @@ def main() -> None:
 
 
 def load_checkpoint_epochs(work: Path) -> int:
-    from o2f.engine import load_checkpoint
+    from o2f.checkpoint import load_checkpoint
 
     return int(load_checkpoint(work / "last.pt")["state"]["epoch"])
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from o2f.checkpoint import model_from_checkpoint
 from o2f.config import load_config
 from o2f.data import build_dataset
 from o2f.deploy import load_backend
-from o2f.engine import model_from_checkpoint, predict
+from o2f.engine import predict
 from o2f.evaluation import evaluate_detections
 
 

@@ -34,7 +34,7 @@ from faster_coco_eval import COCO, COCOeval_faster
 from PIL import Image
 from torchvision.ops import batched_nms
 
-from o2f.engine import model_from_checkpoint
+from o2f.checkpoint import model_from_checkpoint
 from o2f.evaluation.duplicates import duplicate_rate
 from o2f.tiling import default_overlap, predict_tiled, tile_grid
 

@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
+from o2f.checkpoint import model_from_checkpoint
 from o2f.config import SplitConfig, load_config
 from o2f.data import build_dataset
 from o2f.data.digits import make_digits
-from o2f.engine import model_from_checkpoint, predict, train
+from o2f.engine import predict, train
 from o2f.evaluation import coco_evaluate
 from o2f.evaluation.duplicates import duplicate_rate
 

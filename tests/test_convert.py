@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from o2f.checkpoint import load_checkpoint, model_from_checkpoint
 from o2f.cli import main
 from o2f.convert import map_key, safe_load
-from o2f.engine import load_checkpoint, model_from_checkpoint
 
 
 def release_keys_r50(num_classes=80):

@@ -4,9 +4,9 @@ import json
 
 import yaml
 
+from o2f.checkpoint import load_checkpoint
 from o2f.data.digits import make_digits
 from o2f.demo import DEMO_EPOCHS, run_demo
-from o2f.engine import load_checkpoint
 
 
 def test_demo_smoke(tmp_path, capsys):

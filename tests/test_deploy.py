@@ -54,7 +54,7 @@ def reference(trained, val_images):
 
 @pytest.fixture(scope="module")
 def float_graph(trained, tmp_path_factory):
-    from o2f.engine import model_from_checkpoint
+    from o2f.checkpoint import model_from_checkpoint
 
     model, _, _ = model_from_checkpoint(trained)
     return export_onnx(model, tmp_path_factory.mktemp("graph") / "m.onnx", size=(96, 128),

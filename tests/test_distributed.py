@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import rect_overrides, write_rectangles_dataset
 
+from o2f.checkpoint import load_checkpoint
 from o2f.config import load_config
-from o2f.engine import load_checkpoint
 from o2f.model.detector import O2F
 
 pytestmark = pytest.mark.slow

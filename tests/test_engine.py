@@ -6,17 +6,11 @@ import pytest
 import torch
 from conftest import rect_overrides
 
+from o2f.checkpoint import load_checkpoint, model_from_checkpoint
 from o2f.cli import main
 from o2f.config import load_config
 from o2f.data import build_dataset
-from o2f.engine import (
-    base_lr,
-    epoch_batches,
-    evaluate,
-    load_checkpoint,
-    lr_factor,
-    model_from_checkpoint,
-)
+from o2f.engine import base_lr, epoch_batches, evaluate, lr_factor
 from o2f.model.detector import O2F
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from o2f.checkpoint import save_checkpoint
 from o2f.cli import main
 from o2f.config import load_config
-from o2f.engine import save_checkpoint
 from o2f.export import OnnxDetector, export_onnx, onnx_ops
 from o2f.model.detector import O2F
 

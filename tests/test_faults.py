@@ -12,8 +12,10 @@ import torch
 from conftest import rect_overrides, write_rectangles_dataset
 
 import o2f.engine as engine
+from o2f.checkpoint import load_checkpoint, save_checkpoint
 from o2f.config import load_config
-from o2f.engine import NonFiniteLossError, load_checkpoint, save_checkpoint, train
+from o2f.engine import NonFiniteLossError, train
+from o2f.model.detector import O2F
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monk
 
 def nan_at(iteration):
     """Patch the model's losses so that the given global iteration returns NaN."""
-    original = engine.O2F.losses
+    original = O2F.losses
     calls = {"n": 0}
 
     def losses(self, out, targets, t, **kwargs):
@@ -109,7 +111,7 @@ def test_a_nan_loss_stops_the_run_naming_the_iteration_and_keeps_the_checkpoint(
         data, tmp_path, monkeypatch):
     cfg = load_config("digits", rect_overrides(data, **{"train.eval_every": 0,
                                                         "train.epochs": 3}))
-    monkeypatch.setattr(engine.O2F, "losses", nan_at(8))  # epoch 2 (6 batches an epoch)
+    monkeypatch.setattr(O2F, "losses", nan_at(8))  # epoch 2 (6 batches an epoch)
     with pytest.raises(NonFiniteLossError, match=r"iteration 8 .*loss_cls=nan"):
         train(cfg, tmp_path)
     ckpt = load_checkpoint(tmp_path / "last.pt")
@@ -120,7 +122,7 @@ def test_a_nan_loss_stops_the_run_naming_the_iteration_and_keeps_the_checkpoint(
 def test_skip_nonfinite_skips_and_counts(data, tmp_path, monkeypatch):
     cfg = load_config("digits", rect_overrides(data, **{
         "train.eval_every": 0, "train.epochs": 2, "train.skip_nonfinite": True}))
-    monkeypatch.setattr(engine.O2F, "losses", nan_at(3))
+    monkeypatch.setattr(O2F, "losses", nan_at(3))
     train(cfg, tmp_path)
     logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert logs[-1]["skipped_nonfinite"] == 1 and logs[-1]["iter"] == 12

@@ -8,8 +8,9 @@ import torch
 from conftest import rect_overrides
 
 import o2f.engine as engine
+from o2f.checkpoint import load_checkpoint
 from o2f.config import ConfigError, load_config
-from o2f.engine import load_checkpoint, lr_factor, train
+from o2f.engine import lr_factor, train
 from o2f.model.detector import O2F, HeadOutputs
 
 

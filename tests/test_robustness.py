@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import rect_overrides
 
-import o2f.engine as engine
+from o2f.checkpoint import CheckpointError, load_checkpoint
 from o2f.cli import main
 from o2f.config import ConfigError, load_config
-from o2f.engine import CheckpointError, OutOfMemoryHint, load_checkpoint, train
+from o2f.engine import OutOfMemoryHint, train
+from o2f.model.detector import O2F
 
 
 def test_unknown_config_key_lists_the_closest_valid_keys():
@@ -59,7 +60,7 @@ def test_out_of_memory_gives_a_hint(rectangles, tmp_path, monkeypatch):
     def exhausted(self, out, targets, t, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine.O2F, "losses", exhausted)
+    monkeypatch.setattr(O2F, "losses", exhausted)
     cfg = load_config("digits", rect_overrides(rectangles, **{"train.eval_every": 0}))
     with pytest.raises(OutOfMemoryHint, match=r"iteration 0 .*lower train.batch_size"):
         train(cfg, tmp_path)

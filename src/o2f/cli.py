@@ -66,9 +66,9 @@ def check_inputs(cfg: Any, splits: tuple[str, ...]) -> None:
     """Stop before any work when an input the config names is missing or unreadable: the
     splits' annotation file and image folder, and a local backbone weight file. The error
     is one line naming the path, the config key and what to do."""
+    from o2f.checkpoint import CheckpointError
     from o2f.config import PRESETS
     from o2f.data import DatasetError
-    from o2f.engine import CheckpointError
 
     preset = PRESETS[cfg.name]() if cfg.name in PRESETS else None
     for split in splits:
@@ -111,10 +111,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from o2f import distributed as du
+    from o2f.checkpoint import model_from_checkpoint
     from o2f.config import load_config
     from o2f.data import build_dataset
     from o2f.deploy import load_backend
-    from o2f.engine import evaluate, model_from_checkpoint, setup_logging
+    from o2f.engine import evaluate
+    from o2f.logs import setup_logging
 
     device = du.init_from_env()
     setup_logging(None)
@@ -230,7 +232,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from o2f.engine import model_from_checkpoint
+    from o2f.checkpoint import model_from_checkpoint
     from o2f.export import export_onnx, onnx_ops
 
     if args.int8 != bool(args.calib):
@@ -455,9 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from o2f.checkpoint import CheckpointError
     from o2f.config import ConfigError
     from o2f.data.coco import DatasetError
-    from o2f.engine import CheckpointError, NonFiniteLossError, OutOfMemoryHint
+    from o2f.engine import NonFiniteLossError, OutOfMemoryHint
     from o2f.video import FrameError
 
     try:

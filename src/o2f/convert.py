@@ -105,7 +105,7 @@ def convert_mmdet(src: str | Path, dst: str | Path, config: str | Config = "r50_
                   ) -> dict[str, Any]:
     """Convert ``src`` (a release checkpoint) into ``dst`` (an o2f checkpoint for
     ``config``). Returns a report: replaced globals, unmatched and missing keys."""
-    from o2f.engine import load_weights, save_checkpoint
+    from o2f.checkpoint import load_weights, save_checkpoint
     from o2f.model.detector import O2F
 
     obj, replaced = safe_load(src)

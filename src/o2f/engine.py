@@ -3,15 +3,14 @@
 ``train(cfg, work_dir)`` runs the whole recipe: data, model, optimiser, schedule, the
 soft-label ceiling fed from the epoch, checkpoints, evaluation and logs; it runs the same
 in one process or under torchrun. ``evaluate`` runs the NMS-free detector over a split and
-scores it with the split's own metric.
+scores it with the split's own metric. Reading and writing checkpoints lives in
+:mod:`o2f.checkpoint`, the log files in :mod:`o2f.logs`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -27,10 +26,29 @@ from tqdm import tqdm
 
 from o2f import distributed as du
 from o2f.assign import soft_label_ceiling, soft_label_ceiling_by_iter
-from o2f.config import Config, ConfigError, config_from_dict, save_config
+from o2f.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from o2f.config import Config, ConfigError, save_config
 from o2f.data import build_dataset, collate_eval, collate_train
-from o2f.model.detector import O2F, create_model
+from o2f.logs import EventWriter, setup_logging
+from o2f.model.detector import create_model
 from o2f.precision import autocast, resolve_amp
+
+__all__ = [
+    "EpochDataset", "NonFiniteLossError", "OutOfMemoryHint", "TrainState", "base_lr",
+    "build_optimizer", "encode_masks", "epoch_batches", "evaluate", "lr_factor",
+    "param_groups", "predict", "seed_everything", "soft_label_phase", "total_iters", "train",
+    # moved to o2f.checkpoint and o2f.logs; re-exported so existing imports keep working
+    "CheckpointError", "EventWriter", "load_checkpoint", "load_weights",
+    "model_from_checkpoint", "save_checkpoint", "setup_logging",
+]
 
 log = logging.getLogger("o2f")
 
@@ -167,151 +185,13 @@ class EpochDataset(Dataset):
         raise RuntimeError("no readable image left in the training set")
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, flushed, then renamed over
-    ``path``, so an interruption leaves the previous checkpoint whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model."""
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers, never pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or unsafe pickled objects
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not an o2f checkpoint (no 'model' entry); "
-                              "for the authors' MMDetection files use `o2f convert`")
-    return ckpt
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load whose error says which keys are missing or unexpected and which shapes
-    differ (e.g. a checkpoint trained on another number of classes)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes[:5])
-                         + (f" (+{len(shapes) - 5} more)" if len(shapes) > 5 else ""))
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:5])}"
-                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}"
-                         + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
-        raise CheckpointError(f"{source}: checkpoint does not fit the model: "
-                              + " | ".join(parts))
-    model.load_state_dict(state)
-
-
-def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
-                          device: torch.device | str = "cpu") -> tuple[O2F, Config, dict]:
-    """Rebuild the model a checkpoint was trained with (or ``cfg``'s) and load it."""
-    ckpt = load_checkpoint(path)
-    if cfg is None:
-        if "config" not in ckpt:
-            raise CheckpointError(f"{path}: has no config; pass --config")
-        cfg = config_from_dict(ckpt["config"])
-    cfg.model.backbone_weights = None  # the checkpoint holds the weights
-    model = create_model(cfg.model)
-    load_weights(model, ckpt["model"], str(path))
-    return model.to(device).eval(), cfg, ckpt
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": np_state[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
-                         state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+# --------------------------------------------------------------------------- training
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-# --------------------------------------------------------------------------- logging
-
-def setup_logging(work_dir: Path | None) -> None:
-    log.setLevel(logging.INFO)
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    if work_dir is not None and du.is_main():
-        path = str(work_dir / "train.log")
-        if not any(getattr(h, "baseFilename", None) == os.path.abspath(path)
-                   for h in log.handlers):
-            fh = logging.FileHandler(path)
-            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(fh)
-
-
-class EventWriter:
-    """JSON-lines logs, plus TensorBoard events when tensorboard is installed; rank 0 only."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir, self.tb = work_dir, None
-        if not du.is_main():
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(work_dir / "tb"))
-        except ImportError:
-            pass
-
-    def write(self, file: str, record: dict[str, Any], step: int) -> None:
-        if not du.is_main():
-            return
-        with open(self.work_dir / file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "iter"):
-                    self.tb.add_scalar(f"{Path(file).stem}/{k}", v, step)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-# --------------------------------------------------------------------------- training
 
 def soft_label_phase(cfg: Config, epoch: int, iteration: int, iters_per_epoch: int
                      ) -> tuple[float, bool]:
@@ -379,7 +259,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d, iteration %d of the epoch", last,
                  state.epoch, state.iter_in_epoch)
     if du.is_main():
@@ -401,7 +281,7 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
         if du.is_main():
             save_checkpoint(last, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "state": asdict(state), "rng": _rng_state(), "config": cfg.to_dict(),
+                "state": asdict(state), "rng": rng_state(), "config": cfg.to_dict(),
                 **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 "class_names": list(train_set.class_names), "cat_ids": list(train_set.cat_ids),
             })

@@ -21,7 +21,8 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from o2f.engine import encode_masks, load_checkpoint, model_from_checkpoint
+from o2f.checkpoint import load_checkpoint, model_from_checkpoint
+from o2f.engine import encode_masks
 from o2f.video import (
     Frame,
     FrameError,

@@ -113,7 +113,7 @@ def graph_from(source: str | Path | nn.Module, backend: str) -> tuple[Path, list
 def _model_and_names(source: str | Path | nn.Module) -> tuple[nn.Module, list[str] | None]:
     if isinstance(source, nn.Module):
         return source.eval(), None
-    from o2f.engine import model_from_checkpoint
+    from o2f.checkpoint import model_from_checkpoint
 
     model, _, ckpt = model_from_checkpoint(source)
     return model, ckpt.get("class_names")
