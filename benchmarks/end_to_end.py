@@ -59,6 +59,12 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
             ["model.certain_by=centred_in_level"]),
     "cil_t0": ("certain on the best pick's level nearest the centre, t ends at 0",
                ["model.certain_by=centred_in_level", "model.t_end=0.0"]),
+    "swe2_t0_late": ("soft weight 0.4 held to half of t's fall, then -> 2.0; t ends at 0",
+                     ["model.soft_weight_end=2.0", "model.soft_weight_from=0.5",
+                      "model.t_end=0.0"]),
+    "swe3_t0_late": ("soft weight 0.4 held to half of t's fall, then -> 3.0; t ends at 0",
+                     ["model.soft_weight_end=3.0", "model.soft_weight_from=0.5",
+                      "model.t_end=0.0"]),
 }
 
 

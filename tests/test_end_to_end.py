@@ -95,6 +95,15 @@ def test_soft_weight_follows_the_ceiling_to_its_end_value():
     assert soft_weight_at(0.45, cfg) == pytest.approx(0.8)
     assert soft_weight_at(0.0, cfg) == pytest.approx(2.0)
     assert soft_weight_at(0.9, cfg) == pytest.approx(0.4)  # held outside the schedule
+    # held at 0.4 over the first half of t's fall (0.6 -> 0.3), then 0.4 -> 2.0 over the rest
+    cfg.soft_weight_from = 0.5
+    assert soft_weight_at(0.45, cfg) == pytest.approx(0.4)
+    assert soft_weight_at(0.3, cfg) == pytest.approx(0.4)
+    assert soft_weight_at(0.15, cfg) == pytest.approx(1.2)
+    assert soft_weight_at(0.0, cfg) == pytest.approx(2.0)
+    cfg.soft_weight_from = 1.0
+    with pytest.raises(ValueError, match="soft_weight_from"):
+        soft_weight_at(0.1, cfg)
     # and the assignment gives the soft anchors that weight
     model, images, targets = _scene(["model.soft_weight_end=2.0", "model.t_end=0.0"])
     with torch.no_grad():

@@ -38,6 +38,7 @@ class ModelConfig:
     radius: float = 1.5
     soft_weight: float = 0.4
     soft_weight_end: float | None = None  # None: constant; else the weight follows t to this
+    soft_weight_from: float = 0.0  # share of t's fall before the weight starts to move
     t_start: float = 0.6
     t_end: float = 0.2
     # Levers for duplicate removal (docs/ablation.md, "End to end in fact"); the defaults

@@ -52,10 +52,17 @@ def soft_weight_at(t: float, cfg: ModelConfig) -> float:
     """The soft anchors' loss weight when the ceiling is ``t``: ``model.soft_weight``
     throughout (the release), or, with ``model.soft_weight_end`` set, moving with t from
     ``soft_weight`` at ``t_start`` to ``soft_weight_end`` at ``t_end`` (linear in t, held
-    outside). A heavier weight at the end pushes harder on soft anchors as negatives."""
+    outside). A heavier weight at the end pushes harder on soft anchors as negatives.
+    ``model.soft_weight_from=s`` holds the weight until t has made the share s of its fall,
+    then moves it over the rest (s = 0: over the whole fall)."""
     if cfg.soft_weight_end is None or cfg.t_start == cfg.t_end:
         return cfg.soft_weight
-    f = min(max((cfg.t_start - t) / (cfg.t_start - cfg.t_end), 0.0), 1.0)
+    f = (cfg.t_start - t) / (cfg.t_start - cfg.t_end)
+    if not 0.0 <= cfg.soft_weight_from < 1.0:
+        raise ValueError(f"model.soft_weight_from must be in [0, 1), got {cfg.soft_weight_from}")
+    if cfg.soft_weight_from > 0:
+        f = (f - cfg.soft_weight_from) / (1.0 - cfg.soft_weight_from)
+    f = min(max(f, 0.0), 1.0)
     return cfg.soft_weight + (cfg.soft_weight_end - cfg.soft_weight) * f
 
 
