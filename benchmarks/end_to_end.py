@@ -65,6 +65,10 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "swe3_t0_late": ("soft weight 0.4 held to half of t's fall, then -> 3.0; t ends at 0",
                      ["model.soft_weight_end=3.0", "model.soft_weight_from=0.5",
                       "model.t_end=0.0"]),
+    "obj_swe1_t0": ("soft weight 0.4 -> 1.0, t ends at 0, the push through objectness only",
+                    ["model.soft_push=obj", "model.soft_weight_end=1.0", "model.t_end=0.0"]),
+    "obj_swe2_t0": ("soft weight 0.4 -> 2.0, t ends at 0, the push through objectness only",
+                    ["model.soft_push=obj", "model.soft_weight_end=2.0", "model.t_end=0.0"]),
 }
 
 

@@ -11,6 +11,7 @@ from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_ite
 from o2f.assign.o2f import soft_weight_at
 from o2f.config import load_config
 from o2f.engine import soft_label_phase
+from o2f.losses import soft_focal_loss
 from o2f.model.detector import O2F
 from o2f.model.head import MaxFilter3D
 
@@ -228,3 +229,33 @@ def test_exported_graph_with_the_max_filter_has_no_nms(tmp_path):
         expected = model(images)[0]
     got = OnnxDetector(path)(images)[0]
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
+
+
+def test_soft_push_through_objectness_only():
+    # One soft anchor (s = 0.2, w = 0.4) of class 0, one class: its term is
+    # -w [s log p + (1 - s) log(1 - p)], p = sigmoid(a) sigmoid(b). With the push through
+    # the objectness only, the classification logit a gets only the first part's gradient,
+    # -w s (1 - sigmoid(a)); the objectness logit b gets the whole term's.
+    a0, b0, s, w = 0.5, 1.0, 0.2, 0.4
+    sa, sb = torch.sigmoid(torch.tensor(a0)), torch.sigmoid(torch.tensor(b0))
+    p = sa * sb
+    grad_a_obj_only = -w * s * (1 - sa)
+    grad_a_joint = -w * (s * (1 - sa) - (1 - s) * p * (1 - sa) / (1 - p))
+    grad_b = -w * (s * (1 - sb) - (1 - s) * p * (1 - sb) / (1 - p))
+    for obj_only, grad_a in ((True, grad_a_obj_only), (False, grad_a_joint)):
+        a = torch.tensor([[a0]], requires_grad=True)
+        b = torch.tensor([b0], requires_grad=True)
+        loss = soft_focal_loss(a, b, torch.tensor([0]), torch.tensor([s]), torch.tensor([w]),
+                               push_obj_only=obj_only)
+        loss.backward()
+        assert a.grad.item() == pytest.approx(grad_a.item(), rel=1e-5)
+        assert b.grad.item() == pytest.approx(grad_b.item(), rel=1e-5)
+    # the value of the loss is the same either way; the option reaches the loss by its name
+    model, images, targets = _scene(["model.soft_push=obj"])
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    assert {a.loss for a in model.assign(out, targets, 0.3)} == {"soft_focal_obj"}
+    assert load_config("digits").model.soft_push == "joint"
+    model.cfg.soft_push = "cls"
+    with pytest.raises(ValueError, match="soft_push"):
+        model.assign(out, targets, 0.3)

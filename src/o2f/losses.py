@@ -43,7 +43,8 @@ def joint_log_probs(cls_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Ten
 
 
 def soft_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor, soft_labels: Tensor,
-                    weights: Tensor, valid: Tensor | None = None) -> Tensor:
+                    weights: Tensor, valid: Tensor | None = None, *,
+                    push_obj_only: bool = False) -> Tensor:
     """Un-normalised soft focal loss over all N x C entries of the joint score p.
 
     cls_logits (N, C), obj_logits (N,) or (N, 1); labels (N,) int64 with C for background;
@@ -52,6 +53,10 @@ def soft_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor, soft
 
     Every entry is a negative, 0.75 * p^2 * BCE(p, 0), except a positive point's entry at
     its class, which is w * BCE(p, s). The caller divides by the number of positive points.
+    ``push_obj_only`` (``model.soft_push=obj``): the part of a positive's term that pushes p
+    down, -(1 - s) log(1 - p), reaches the objectness logit only (the classification logit
+    is held), so soft anchors are suppressed through the objectness while their class score
+    keeps its positive training.
     """
     num_classes = cls_logits.shape[1]
     log_p, log_1mp = joint_log_probs(cls_logits, obj_logits)
@@ -59,7 +64,12 @@ def soft_focal_loss(cls_logits: Tensor, obj_logits: Tensor, labels: Tensor, soft
     pos = torch.nonzero(labels < num_classes).squeeze(1)
     cls = labels[pos]
     s, w = soft_labels[pos].float(), weights[pos].float()
-    positive = -(s * log_p[pos, cls] + (1 - s) * log_1mp[pos, cls]) * w
+    if push_obj_only:
+        log_1mp_pos = joint_log_probs(cls_logits[pos, cls].detach()[:, None],
+                                      obj_logits.reshape(-1)[pos])[1][:, 0]
+    else:
+        log_1mp_pos = log_1mp[pos, cls]
+    positive = -(s * log_p[pos, cls] + (1 - s) * log_1mp_pos) * w
     negative = negative.index_put((pos, cls), positive)
     if valid is not None:
         negative = negative * valid.reshape(-1, 1)
@@ -141,6 +151,16 @@ def soft_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
     return {"loss_cls": loss / _num_positives(a, num_classes)}
 
 
+def soft_focal_obj_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
+                             valid: Tensor | None) -> dict[str, Tensor]:
+    """o2f with ``model.soft_push=obj``: the soft focal loss, its push-down of positives
+    through the objectness only."""
+    num_classes = cls_logits.shape[1]
+    loss = soft_focal_loss(cls_logits, obj_logits, a.labels, a.soft_labels, a.weights, valid,
+                           push_obj_only=True)
+    return {"loss_cls": loss / _num_positives(a, num_classes)}
+
+
 def fcos_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
                    valid: Tensor | None) -> dict[str, Tensor]:
     """o2m: FCOS's focal loss on the classification logits, and BCE of the objectness
@@ -185,6 +205,7 @@ def joint_bce_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
 # normalised losses. The box loss (GIoU) is the detector's, the same for all.
 DENSE_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {
     "soft_focal": soft_focal_objective,
+    "soft_focal_obj": soft_focal_obj_objective,
     "fcos": fcos_objective,
     "focal": joint_focal_objective,
     "focal_cls": cls_focal_objective,

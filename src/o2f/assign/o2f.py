@@ -156,12 +156,18 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
 def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
                *, t: float, soft_anchors: bool = True) -> Assignment:
     """``model.assign=o2f``: one-to-few with ``model.o2f_topk``, or k = 1 in the last phase
-    without soft anchors (``soft_anchors=False``, ``model.o2o_from``)."""
-    return one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
+    without soft anchors (``soft_anchors=False``, ``model.o2o_from``). ``model.soft_push``
+    names the loss: ``joint`` (the release) or ``obj`` (soft anchors pushed down through
+    the objectness only)."""
+    if cfg.soft_push not in ("joint", "obj"):
+        raise ValueError(f"model.soft_push must be joint or obj, got {cfg.soft_push!r}")
+    out = one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
                       num_classes=cfg.num_classes, t=t,
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
+    out.loss = "soft_focal_obj" if cfg.soft_push == "obj" else "soft_focal"
+    return out
 
 
 def assign_o2o(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
