@@ -232,6 +232,7 @@ def main() -> None:
             print(rows[-1])
     if {"o2f", "o2m + NMS"} <= set(runs):
         side_by_side(out, val_set, runs)
+    rows, timings = merged_with_earlier(out / "results.json", args, rows, timings)
     bar_chart(rows, out / "ap.png")
     table = ["| variant | AP | AP50 | AP75 | AR100 | duplicates / image | AP + NMS | "
              "AP gained by NMS | duplicates + NMS |",
@@ -267,6 +268,27 @@ def main() -> None:
          "epochs": cfg.train.epochs, "overrides": args.set,
          "train_seconds": timings, "rows": rows}, indent=1))
     print("\n".join(table))
+
+
+def merged_with_earlier(path: Path, args: argparse.Namespace, rows: list[dict],
+                        timings: dict) -> tuple[list[dict], dict]:
+    """This run's rows together with those of an earlier run into the same ``--out`` of the
+    same setup (budget, classes, digit variant, overrides) for other modes, in the table's
+    order: modes trained as separate runs end in one table. A different setup is replaced."""
+    if not path.exists():
+        return rows, timings
+    earlier = json.loads(path.read_text())
+    setup = (args.budget, args.classes, args.variant, args.set)
+    if (earlier.get("budget"), earlier.get("classes"), earlier.get("variant"),
+            earlier.get("overrides")) != setup:
+        return rows, timings
+    fresh = {r["variant"] for r in rows}
+    by_name = {r["variant"]: r for r in earlier["rows"] if r["variant"] not in fresh}
+    by_name.update({r["variant"]: r for r in rows})
+    order = [name for name, _, _ in VARIANTS]
+    merged = sorted(by_name.values(), key=lambda r: order.index(r["variant"])
+                    if r["variant"] in order else len(order))
+    return merged, {**earlier.get("train_seconds", {}), **timings}
 
 
 def load_checkpoint_epochs(work: Path) -> int:
