@@ -148,7 +148,9 @@ def run_ultralytics(name: str, data_yaml: Path, work: Path, budget: float, val_s
         schedule = {"epochs": epochs} if epochs else {"epochs": 1000, "time": budget / 3600}
         model.train(data=str(data_yaml), imgsz=imgsz, batch=8, device="cpu", workers=0,
                     plots=False, amp=False, val=False, pretrained=False, seed=0,
-                    project=str(work), name=name, exist_ok=True, verbose=False, **schedule)
+                    # absolute: Ultralytics puts a relative project under its runs/detect
+                    project=str(work.resolve()), name=name, exist_ok=True, verbose=False,
+                    **schedule)
         seconds.write_text(json.dumps(time.perf_counter() - start))
     model = YOLO(str(weights))
     paths = {img["id"]: str(Path(val_set.img_dir) / img["file_name"])
