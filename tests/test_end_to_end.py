@@ -3,6 +3,8 @@ the ceiling's schedule by iteration, the last phase without soft anchors and the
 filter, the certain positive nearest the centre. Each on hand-worked values; the
 release's recipe stays the default."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_ite
 from o2f.assign.o2f import soft_weight_at
 from o2f.config import load_config
 from o2f.engine import soft_label_phase
-from o2f.losses import soft_focal_loss
+from o2f.losses import DENSE_LOSSES, soft_focal_loss
 from o2f.model.detector import O2F
 from o2f.model.head import MaxFilter3D
 
@@ -250,7 +252,13 @@ def test_soft_push_through_objectness_only():
         loss.backward()
         assert a.grad.item() == pytest.approx(grad_a.item(), rel=1e-5)
         assert b.grad.item() == pytest.approx(grad_b.item(), rel=1e-5)
-    # the value of the loss is the same either way; the option reaches the loss by its name
+    # the objective the assignment names runs the same loss with the option on
+    a = torch.tensor([[a0]], requires_grad=True)
+    fake = SimpleNamespace(labels=torch.tensor([0]), soft_labels=torch.tensor([s]),
+                           weights=torch.tensor([w]))
+    DENSE_LOSSES["soft_focal_obj"](a, torch.tensor([b0]), fake, None)["loss_cls"].backward()
+    assert a.grad.item() == pytest.approx(grad_a_obj_only.item(), rel=1e-5)
+    # the option reaches the loss by its name
     model, images, targets = _scene(["model.soft_push=obj"])
     with torch.no_grad():
         out = model.forward_dense(images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -144,20 +145,13 @@ def _num_positives(a: Assignment, num_classes: int) -> Tensor:
 
 
 def soft_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
-                         valid: Tensor | None) -> dict[str, Tensor]:
-    """o2f / o2o: the soft focal loss on p per positive point."""
-    num_classes = cls_logits.shape[1]
-    loss = soft_focal_loss(cls_logits, obj_logits, a.labels, a.soft_labels, a.weights, valid)
-    return {"loss_cls": loss / _num_positives(a, num_classes)}
-
-
-def soft_focal_obj_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
-                             valid: Tensor | None) -> dict[str, Tensor]:
-    """o2f with ``model.soft_push=obj``: the soft focal loss, its push-down of positives
-    through the objectness only."""
+                         valid: Tensor | None, *, push_obj_only: bool = False
+                         ) -> dict[str, Tensor]:
+    """o2f / o2o: the soft focal loss on p per positive point (``push_obj_only``:
+    ``model.soft_push=obj``, see :func:`soft_focal_loss`)."""
     num_classes = cls_logits.shape[1]
     loss = soft_focal_loss(cls_logits, obj_logits, a.labels, a.soft_labels, a.weights, valid,
-                           push_obj_only=True)
+                           push_obj_only=push_obj_only)
     return {"loss_cls": loss / _num_positives(a, num_classes)}
 
 
@@ -205,7 +199,7 @@ def joint_bce_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
 # normalised losses. The box loss (GIoU) is the detector's, the same for all.
 DENSE_LOSSES: dict[str, Callable[..., dict[str, Tensor]]] = {
     "soft_focal": soft_focal_objective,
-    "soft_focal_obj": soft_focal_obj_objective,
+    "soft_focal_obj": partial(soft_focal_objective, push_obj_only=True),
     "fcos": fcos_objective,
     "focal": joint_focal_objective,
     "focal_cls": cls_focal_objective,
