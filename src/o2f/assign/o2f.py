@@ -166,7 +166,8 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
-    out.loss = "soft_focal_obj" if cfg.soft_push == "obj" else "soft_focal"
+    if cfg.soft_push == "obj":
+        out.loss = "soft_focal_obj"
     return out
 
 
