@@ -1,8 +1,9 @@
 """The levers against o2f's remaining duplicates (docs/ablation.md, "End to end in fact"):
 the ceiling's schedule by iteration, the last phase without soft anchors and the 3D max
-filter, the certain positive nearest the centre. Each on hand-worked values; the
-release's recipe stays the default."""
+filter, the certain positive nearest the centre, the certain-positive ranking loss. Each
+on hand-worked values; the release's recipe stays the default."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 
 from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
-from o2f.assign.o2f import soft_weight_at
+from o2f.assign.common import Assignment
+from o2f.assign.o2f import rank_weight_at, soft_weight_at
 from o2f.config import load_config
 from o2f.engine import soft_label_phase
-from o2f.losses import DENSE_LOSSES, soft_focal_loss
+from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
 from o2f.model.detector import O2F
 from o2f.model.head import MaxFilter3D
 
@@ -267,3 +269,52 @@ def test_soft_push_through_objectness_only():
     model.cfg.soft_push = "cls"
     with pytest.raises(ValueError, match="soft_push"):
         model.assign(out, targets, 0.3)
+
+
+def test_certain_rank_loss_on_hand_values_and_per_image_groups():
+    # Two images of 4 points, one class. Image 0, gt 0: certain at point 1 (p = 0.8), soft
+    # anchor at 2 (p = 0.4). Image 1, gt 0: certain at point 4 (p = 0.5), soft anchors at
+    # 5 and 6 (p = 0.25 each). Each gt's term is -log(p_c / sum of its group's p); the
+    # loss is their mean: (-log(0.8 / 1.2) - log(0.5 / 1.0)) / 2.
+    probs = torch.tensor([0.1, 0.8, 0.4, 0.1, 0.5, 0.25, 0.25, 0.1])
+    obj = torch.full((8,), 20.0)  # sigmoid(obj) = 1: p is the class probability
+    cls = torch.logit(probs).reshape(8, 1).requires_grad_(True)
+    labels = torch.tensor([1, 0, 0, 1, 0, 0, 0, 1])
+    gt_index = torch.tensor([-1, 0, 0, -1, 0, 0, 0, -1])
+    soft = torch.tensor([0, 1.0, 0.3, 0, 1.0, 0.2, 0.2, 0])
+    weights = torch.tensor([0, 1.0, 0.4, 0, 1.0, 0.4, 0.4, 0])
+    a = Assignment(labels, torch.zeros(8, 4), soft, weights, gt_index, points_per_image=4)
+    loss = certain_rank_loss(cls, obj, a)
+    expected = (-math.log(0.8 / 1.2) - math.log(0.5 / 1.0)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # The gradient raises the certain positive's log p by (1 - q_c) and lowers each soft
+    # anchor's by q_j (q = p / group sum), /2 for the mean: it sums to 0 within a group.
+    loss.backward()
+    dlogp_dlogit = 1 - probs  # d log sigmoid(a) / da
+    q = torch.tensor([0, 0.8 / 1.2, 0.4 / 1.2, 0, 0.5, 0.25, 0.25, 0])
+    certain = soft == 1
+    expected_grad = torch.where(certain, -(1 - q), q) / 2 * dlogp_dlogit * (labels == 0)
+    torch.testing.assert_close(cls.grad[:, 0], expected_grad, rtol=1e-4, atol=1e-6)
+    # Without the image split the two gts 0 would be one group of five: a different loss.
+    merged = Assignment(labels, torch.zeros(8, 4), soft, weights, gt_index)
+    assert certain_rank_loss(cls.detach(), obj, merged).item() != pytest.approx(expected)
+
+
+def test_rank_weight_follows_the_ceiling_and_reaches_the_objective():
+    cfg = load_config("digits", ["model.rank_weight=2.0"]).model  # t 0.6 -> 0.2
+    assert [rank_weight_at(t, cfg) for t in (0.6, 0.4, 0.2, 0.0)] == pytest.approx(
+        [0.0, 1.0, 2.0, 2.0])
+    assert load_config("digits").model.rank_weight == 0.0
+    model, images, targets = _scene(["model.rank_weight=2.0"])
+    out = model.forward_dense(images)
+    assigned = model.assign(out, targets, 0.4)
+    assert [a.loss_options["rank_weight"] for a in assigned] == pytest.approx([1.0, 1.0])
+    losses = model.detection_losses(out, targets, assigned)
+    a = Assignment.cat(assigned)
+    expected = certain_rank_loss(out.cls_logits.reshape(-1, 3), out.obj_logits.reshape(-1), a)
+    assert losses["loss_rank"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() > 0  # the scene's gts have soft anchors
+    assert "loss_rank" not in model.losses(out, targets, 0.6)  # weight 0 at t_start
+    model.cfg.rank_weight = -1.0
+    with pytest.raises(ValueError, match="rank_weight"):
+        model.assign(out, targets, 0.4)

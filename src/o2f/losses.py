@@ -144,15 +144,49 @@ def _num_positives(a: Assignment, num_classes: int) -> Tensor:
     return reduce_mean(count).clamp(min=1)
 
 
+def certain_rank_loss(cls_logits: Tensor, obj_logits: Tensor, a: Assignment) -> Tensor:
+    """Per gt, the cross-entropy of a softmax over its positives' joint log-scores, with the
+    certain positive as the answer; the mean over gts (``model.rank_weight``).
+
+    For a gt with certain positive c and soft anchors j:
+      loss = -log(p_c / (p_c + sum_j p_j)) = logsumexp(log p_c, log p_j...) - log p_c.
+    Its gradient raises log p_c by (1 - q_c) and lowers each log p_j by q_j (q = p / sum p),
+    so it moves the scores apart without moving their level: it sharpens the group's peak
+    rather than pushing the whole group down. A gt with no soft anchor adds 0. The certain
+    positive is the one with soft label 1 and weight 1 (:func:`o2f.assign.one_to_few`).
+    """
+    num_classes = cls_logits.shape[1]
+    pos = torch.nonzero(a.labels < num_classes).squeeze(1)
+    if pos.numel() == 0:
+        return cls_logits.sum() * 0.0
+    log_p = -(F.softplus(-cls_logits[pos, a.labels[pos]].float())
+              + F.softplus(-obj_logits.reshape(-1)[pos].float()))
+    image = pos // a.points_per_image if a.points_per_image else torch.zeros_like(pos)
+    group = torch.unique(image * (int(a.gt_index.max()) + 1) + a.gt_index[pos],
+                         return_inverse=True)[1]
+    num_groups = int(group.max()) + 1
+    peak = log_p.new_full((num_groups,), -torch.inf).scatter_reduce(
+        0, group, log_p.detach(), "amax")
+    total = log_p.new_zeros(num_groups).index_add(0, group, torch.exp(log_p - peak[group]))
+    log_total = peak + torch.log(total)
+    certain = (a.soft_labels[pos] == 1) & (a.weights[pos] == 1)
+    loss = (log_total[group[certain]] - log_p[certain]).sum()
+    return loss / reduce_mean(log_p.new_tensor(float(num_groups))).clamp(min=1)
+
+
 def soft_focal_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,
-                         valid: Tensor | None, *, push_obj_only: bool = False
-                         ) -> dict[str, Tensor]:
+                         valid: Tensor | None, *, push_obj_only: bool = False,
+                         rank_weight: float = 0.0) -> dict[str, Tensor]:
     """o2f / o2o: the soft focal loss on p per positive point (``push_obj_only``:
-    ``model.soft_push=obj``, see :func:`soft_focal_loss`)."""
+    ``model.soft_push=obj``, see :func:`soft_focal_loss`); with ``rank_weight`` > 0 also
+    ``loss_rank``, that weight times :func:`certain_rank_loss`."""
     num_classes = cls_logits.shape[1]
     loss = soft_focal_loss(cls_logits, obj_logits, a.labels, a.soft_labels, a.weights, valid,
                            push_obj_only=push_obj_only)
-    return {"loss_cls": loss / _num_positives(a, num_classes)}
+    losses = {"loss_cls": loss / _num_positives(a, num_classes)}
+    if rank_weight > 0:
+        losses["loss_rank"] = rank_weight * certain_rank_loss(cls_logits, obj_logits, a)
+    return losses
 
 
 def fcos_objective(cls_logits: Tensor, obj_logits: Tensor, a: Assignment,

@@ -9,7 +9,7 @@ pixels; regression targets are distances (l, t, r, b) from a point to its box's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,6 +30,10 @@ class Assignment:
     regress: whether the positives also get the box loss.
     aux: a second set of targets trained beside these (POTO's auxiliary one-to-many
         loss on the same outputs; dual's one-to-many branch), or None.
+    loss_options: keyword arguments of that loss beyond the targets (e.g. o2f's
+        ``rank_weight``), the same for every image of a batch.
+    points_per_image: N of one image; set by :meth:`cat` (0 for a single image), so a
+        loss can tell the images of a batch apart (``gt_index`` is per image).
     """
 
     labels: Tensor
@@ -41,6 +45,8 @@ class Assignment:
     loss: str = "soft_focal"
     regress: bool = True
     aux: Assignment | None = None
+    loss_options: dict[str, float] = field(default_factory=dict)
+    points_per_image: int = 0
 
     @property
     def positive(self) -> Tensor:
@@ -57,7 +63,8 @@ class Assignment:
         return Assignment(*(torch.cat([getattr(a, f) for a in assignments]) for f in
                             ("labels", "box_targets", "soft_labels", "weights", "gt_index")),
                           box_weights=box_weights, loss=first.loss,
-                          regress=first.regress)
+                          regress=first.regress, loss_options=dict(first.loss_options),
+                          points_per_image=first.labels.numel())
 
 
 @dataclass

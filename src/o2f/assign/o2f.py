@@ -66,6 +66,20 @@ def soft_weight_at(t: float, cfg: ModelConfig) -> float:
     return cfg.soft_weight + (cfg.soft_weight_end - cfg.soft_weight) * f
 
 
+def rank_weight_at(t: float, cfg: ModelConfig) -> float:
+    """The weight of the certain-positive ranking loss (``model.rank_weight``,
+    :func:`o2f.losses.certain_rank_loss`) when the ceiling is ``t``: 0 at ``t_start``,
+    growing with t's fall to ``rank_weight`` at ``t_end`` (held outside), so the soft
+    anchors are ranked below their certain positive as they turn from positives into
+    negatives. With a constant t it is ``rank_weight`` throughout."""
+    if cfg.rank_weight < 0:
+        raise ValueError(f"model.rank_weight must be >= 0, got {cfg.rank_weight}")
+    if cfg.t_start == cfg.t_end:
+        return cfg.rank_weight
+    f = min(max((cfg.t_start - t) / (cfg.t_start - cfg.t_end), 0.0), 1.0)
+    return cfg.rank_weight * f
+
+
 def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
@@ -158,7 +172,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
     """``model.assign=o2f``: one-to-few with ``model.o2f_topk``, or k = 1 in the last phase
     without soft anchors (``soft_anchors=False``, ``model.o2o_from``). ``model.soft_push``
     names the loss: ``joint`` (the release) or ``obj`` (soft anchors pushed down through
-    the objectness only)."""
+    the objectness only); ``model.rank_weight`` adds the certain-positive ranking loss."""
     if cfg.soft_push not in ("joint", "obj"):
         raise ValueError(f"model.soft_push must be joint or obj, got {cfg.soft_push!r}")
     out = one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
@@ -168,6 +182,8 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
     if cfg.soft_push == "obj":
         out.loss = "soft_focal_obj"
+    if cfg.rank_weight:
+        out.loss_options["rank_weight"] = rank_weight_at(t, cfg)
     return out
 
 

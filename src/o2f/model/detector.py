@@ -195,14 +195,15 @@ class O2F(nn.Module):
 
     def _dense_losses(self, out: HeadOutputs, targets: list[dict],
                       assignments: list[Assignment]) -> dict[str, Tensor]:
-        """Classification losses (``DENSE_LOSSES[a.loss]``) and, when the targets regress,
+        """Classification losses (``DENSE_LOSSES[a.loss]`` with ``a.loss_options``) and,
+        when the targets regress,
         the GIoU loss weighted by ``a.box_weights`` (default: the targets' centerness)."""
         cfg = self.cfg
         a = Assignment.cat(assignments)
         cls_logits = out.cls_logits.reshape(-1, cfg.num_classes)
         obj_logits = out.obj_logits.reshape(-1)
         valid = self._valid_points(out.points, targets, assignments)
-        losses = DENSE_LOSSES[a.loss](cls_logits, obj_logits, a, valid)
+        losses = DENSE_LOSSES[a.loss](cls_logits, obj_logits, a, valid, **a.loss_options)
         if not a.regress:
             return losses
         ltrb = out.box_ltrb.reshape(-1, 4)
