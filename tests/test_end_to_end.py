@@ -13,7 +13,7 @@ from torch import nn
 from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
 from o2f.assign.common import Assignment
 from o2f.assign.o2f import rank_weight_at, soft_weight_at
-from o2f.config import load_config
+from o2f.config import RECIPES, ConfigError, config_from_dict, load_config
 from o2f.engine import soft_label_phase
 from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
 from o2f.model.detector import O2F
@@ -318,3 +318,23 @@ def test_rank_weight_follows_the_ceiling_and_reaches_the_objective():
     model.cfg.rank_weight = -1.0
     with pytest.raises(ValueError, match="rank_weight"):
         model.assign(out, targets, 0.4)
+
+
+def test_recipe_sets_its_keys_later_keys_win_and_a_saved_config_reloads():
+    release = load_config("digits").model
+    strict = load_config("digits", ["model.recipe=strict-e2e"]).model
+    assert release.recipe == "release" and strict.recipe == "strict-e2e"
+    changed = {k for k in RECIPES["strict-e2e"] if getattr(strict, k) != getattr(release, k)}
+    assert changed == set(RECIPES["strict-e2e"])  # every key of the recipe moves
+    for key, value in RECIPES["strict-e2e"].items():
+        assert getattr(strict, key) == value
+    # a key set after the recipe wins, also through a saved and reloaded config
+    cfg = load_config("digits", ["model.recipe=strict-e2e", "model.t_end=0.1"])
+    assert cfg.model.t_end == 0.1 and cfg.model.soft_weight_end == 3.0
+    reloaded = config_from_dict(cfg.to_dict()).model
+    assert (reloaded.recipe, reloaded.t_end, reloaded.soft_weight_end) == ("strict-e2e", 0.1, 3.0)
+    # back to the release's recipe
+    back = load_config("digits", ["model.recipe=strict-e2e", "model.recipe=release"]).model
+    assert all(getattr(back, k) == getattr(release, k) for k in RECIPES["strict-e2e"])
+    with pytest.raises(ConfigError, match="strict-e2e"):
+        load_config("digits", ["model.recipe=strict"])

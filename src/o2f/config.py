@@ -33,6 +33,9 @@ class ModelConfig:
     obj_convs: int = 3
     # one-to-few assignment (docs/algorithm.md section 2)
     assign: str = "o2f"  # o2f | o2o | o2m | poto (DeFCN) | dual (YOLOv10)
+    # A named bundle of the keys below (RECIPES): setting it sets them; keys set after it
+    # win. Kept before them, so a saved config reloads with its own later overrides.
+    recipe: str = "release"  # release | strict-e2e (docs/ablation.md, "End to end in fact")
     o2f_topk: int = 7
     alpha: float = 0.8
     radius: float = 1.5
@@ -77,6 +80,16 @@ class ModelConfig:
     @property
     def use_nms(self) -> bool:
         return self.assign == "o2m" if self.nms is None else bool(self.nms)
+
+
+# model.recipe: what each name sets. "release" is the authors' recipe (every preset's
+# default); "strict-e2e" is the measured recipe with the fewest duplicates left for NMS
+# (docs/ablation.md, "End to end in fact"): the soft anchors turn into plain negatives by
+# the end (t -> 0) and, from half of t's fall on, weigh up to 3x a certain positive.
+RECIPES: dict[str, dict[str, Any]] = {
+    "release": {"t_end": 0.2, "soft_weight_end": None, "soft_weight_from": 0.0},
+    "strict-e2e": {"t_end": 0.0, "soft_weight_end": 3.0, "soft_weight_from": 0.5},
+}
 
 
 @dataclass
@@ -349,6 +362,12 @@ def set_key(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
         raise _unknown(key, source)
     current = getattr(obj, leaf)
+    if isinstance(obj, ModelConfig) and leaf == "recipe":
+        if value not in RECIPES:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(RECIPES)}, "
+                              f"got {value!r}")
+        for name, recipe_value in RECIPES[value].items():
+            setattr(obj, name, recipe_value)
     if dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' is a section; set its keys instead")
