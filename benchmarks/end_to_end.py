@@ -8,9 +8,11 @@ Each lever is one run of ``benchmarks/ablation.py --modes o2f`` with its own ``-
 overrides (same data, seed, data order and iterations as the release's recipe); runs
 whose results exist are not trained again. ``--jobs`` runs several at once, one thread
 each (on a small shared machine that is faster overall than one run on all cores). Prints
-and writes ``end_to_end_<variant><classes>_x<budget>.md``: AP without and with NMS, the
-AP gained by NMS, duplicates per image (score >= 0.3) without and with NMS, and how the
-model's scores at its certain positives and soft anchors ended.
+and writes ``end_to_end_<variant><classes>_x<budget>.md``: AP (AP50, AP75) without and
+with NMS, the AP gained by NMS, duplicates per image (score >= 0.3) without and with NMS,
+the AP with exactly those duplicates left out (the bound of a perfect duplicate removal),
+and how the model's scores at its certain positives and soft anchors ended.
+``--reevaluate`` evaluates finished runs again (for columns added since they ran).
 """
 
 from __future__ import annotations
@@ -91,22 +93,26 @@ def launch(out: Path, variant: str, classes: int, lever: str, budget: float
 
 
 def table(out: Path, variant: str, classes: int, levers: list[str], budget: float) -> str:
-    lines = ["| lever | epochs | AP | AP + NMS | AP gained by NMS | duplicates / image | "
-             "duplicates + NMS | median p certain | median p soft (target) | "
-             "soft anchors at p >= 0.3 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| lever | epochs | AP | AP50 | AP75 | AP + NMS | AP gained by NMS | "
+             "duplicates / image | duplicates + NMS | AP, duplicates removed | "
+             "median p certain | median p soft (target) | soft anchors at p >= 0.3 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lever in levers:
         path = run_dir(out, variant, classes, lever, budget) / "results.json"
         if not path.exists():
-            lines.append(f"| {LEVERS[lever][0]} | - | not run | | | | | | | |")
+            lines.append(f"| {LEVERS[lever][0]} | - | not run |" + " |" * 10)
             continue
         result = json.loads(path.read_text())
         row = result["rows"][0]
         nms, soft = row["with_nms"], row.get("soft_anchors", {})
+        dedup = row.get("without_duplicates", {}).get("AP")
         lines.append(
-            f"| {LEVERS[lever][0]} | {result['epochs']} | {row['AP']:.3f} | {nms['AP']:.3f} | "
+            f"| {LEVERS[lever][0]} | {result['epochs']} | {row['AP']:.3f} | "
+            f"{row['AP50']:.3f} | {row['AP75']:.3f} | {nms['AP']:.3f} | "
             f"{row['AP_gained_by_nms']:+.3f} | {row['duplicates_per_image']:.2f} | "
-            f"{nms['duplicates_per_image']:.2f} | {soft.get('median_certain', 0):.2f} | "
+            f"{nms['duplicates_per_image']:.2f} | "
+            f"{'-' if dedup is None else f'{dedup:.3f}'} | "
+            f"{soft.get('median_certain', 0):.2f} | "
             f"{soft.get('median_soft', 0):.2f} ({soft.get('median_soft_target', 0):.2f}) | "
             f"{soft.get('soft_at_or_above_score', 0):.2f} |")
     return "\n".join(lines)
@@ -121,6 +127,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=["crowd", "sparse"], default="crowd")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate finished runs again (their checkpoints are kept)")
     parser.add_argument("--collect", action="store_true",
                         help="only print the table of the runs already done")
     args = parser.parse_args()
@@ -128,7 +136,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     if not args.collect:
-        todo = [lever for lever in args.levers if not (run_dir(
+        todo = [lever for lever in args.levers if args.reevaluate or not (run_dir(
             out, args.variant, args.classes, lever, args.budget) / "results.json").exists()]
         running: list[subprocess.Popen] = []
         while todo or running:

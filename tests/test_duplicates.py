@@ -1,10 +1,11 @@
 """The duplicate rate of the ablation (o2f.evaluation.duplicates), on hand-made scenes."""
 
+import pytest
 import torch
 from faster_coco_eval import COCO
 
-from o2f.evaluation import duplicate_rate
-from o2f.evaluation.duplicates import duplicate_pairs
+from o2f.evaluation import coco_evaluate, duplicate_rate
+from o2f.evaluation.duplicates import duplicate_pairs, without_duplicates
 
 GT = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
 GT_LABELS = torch.tensor([1, 1])
@@ -75,3 +76,29 @@ def test_rate_is_per_image_of_the_dataset_and_ignores_crowd_boxes():
     assert duplicate_rate(coco, dets) == 2 / 4  # two in image 1; the crowd box is no object
     assert duplicate_rate(coco, dets, score=0.5) == 1 / 4
     assert duplicate_rate(coco.dataset, dets) == 2 / 4  # the ground truth as a dict
+
+
+def test_without_duplicates_leaves_out_exactly_the_counted_ones():
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 1, "width": 40, "height": 20}],
+        "categories": [{"id": 7, "name": "digit"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10],
+                         "area": 100, "iscrowd": 0}]}
+    coco.createIndex()
+    # A (0.9) is the first on the object, at IoU 0.68 with it; B (0.6) repeats it (IoU
+    # 0.75 with A) with a better box (0.90 with the object); C (0.2) as B, below the score
+    # that counts.
+    a = {"image_id": 1, "category_id": 7, "bbox": [1, 1, 10, 10], "score": 0.9}
+    b = {"image_id": 1, "category_id": 7, "bbox": [0.5, 0, 10, 10], "score": 0.6}
+    c = {"image_id": 1, "category_id": 7, "bbox": [0, 0.5, 10, 10], "score": 0.2}
+    assert without_duplicates(coco, [a, b, c]) == [a, c]
+    assert without_duplicates(coco, [a, b, c], score=0.1) == [a]
+    assert without_duplicates(coco, [a, b, c], score=0.7) == [a, b, c]
+    # A duplicate with a better box is a second chance at a strict IoU: AP75 counts B as
+    # the match once A misses (precision 1/2); with the duplicates gone, the object is
+    # missed at 0.75, and found as well as before at 0.5.
+    assert coco_evaluate(coco, [a, b])["AP75"] == pytest.approx(0.5, abs=0.01)
+    alone = without_duplicates(coco, [a, b])
+    assert coco_evaluate(coco, alone)["AP75"] == 0
+    assert coco_evaluate(coco, alone)["AP50"] == coco_evaluate(coco, [a, b])["AP50"] == 1

@@ -16,7 +16,7 @@ from torchvision.ops import box_convert, box_iou
 
 from o2f.evaluation.coco import _as_coco, _load_detections
 
-__all__ = ["duplicate_pairs", "duplicate_rate"]
+__all__ = ["duplicate_pairs", "duplicate_rate", "without_duplicates"]
 
 
 def duplicate_pairs(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
@@ -42,13 +42,10 @@ def duplicate_pairs(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
                     strict=True))
 
 
-def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
-                   iou: float = 0.5) -> float:
-    """Mean number of duplicates per image of the ground truth among the detections.
-
-    ``gt_json`` and ``detections`` as for :func:`o2f.evaluation.coco_evaluate` (a path, a
-    dict or a COCO object; a results JSON path or the list itself, bbox as x, y, w, h).
-    Crowd boxes are not objects here."""
+def _duplicates_by_image(gt_json: Any, detections: Any, score: float, iou: float
+                         ) -> tuple[Any, dict[int, tuple[list[dict[str, Any]], list[int]]]]:
+    """The ground truth's COCO object and, per image with detections, (its detections,
+    the indices of the duplicates among them)."""
     coco = _as_coco(gt_json)
 
     def xyxy(records: list[dict[str, Any]]) -> Tensor:
@@ -58,12 +55,39 @@ def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
     by_image: dict[int, list[dict[str, Any]]] = {}
     for r in _load_detections(detections):
         by_image.setdefault(int(r["image_id"]), []).append(r)
-    total = 0
+    found = {}
     for image_id, dets in by_image.items():
         gts = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        total += len(duplicate_pairs(
+        pairs = duplicate_pairs(
             xyxy(dets), torch.tensor([float(d["score"]) for d in dets]),
             torch.tensor([int(d["category_id"]) for d in dets]), xyxy(gts),
             torch.tensor([int(a["category_id"]) for a in gts], dtype=torch.int64),
-            score=score, iou=iou))
+            score=score, iou=iou)
+        found[image_id] = (dets, [i for i, _, _ in pairs])
+    return coco, found
+
+
+def duplicate_rate(gt_json: Any, detections: Any, *, score: float = 0.3,
+                   iou: float = 0.5) -> float:
+    """Mean number of duplicates per image of the ground truth among the detections.
+
+    ``gt_json`` and ``detections`` as for :func:`o2f.evaluation.coco_evaluate` (a path, a
+    dict or a COCO object; a results JSON path or the list itself, bbox as x, y, w, h).
+    Crowd boxes are not objects here."""
+    coco, found = _duplicates_by_image(gt_json, detections, score, iou)
+    total = sum(len(dups) for _, dups in found.values())
     return total / max(len(coco.getImgIds()), 1)
+
+
+def without_duplicates(gt_json: Any, detections: Any, *, score: float = 0.3,
+                       iou: float = 0.5) -> list[dict[str, Any]]:
+    """The detections with every duplicate (as :func:`duplicate_rate` counts them) left
+    out, the rest in their order. An analysis tool (it reads the ground truth): the AP of
+    the result is what the same model would score if its duplicates alone were gone, the
+    most any duplicate removal can leave without better boxes."""
+    _, found = _duplicates_by_image(gt_json, detections, score, iou)
+    kept = []
+    for dets, dups in found.values():
+        drop = set(dups)
+        kept += [d for i, d in enumerate(dets) if i not in drop]
+    return kept
