@@ -68,6 +68,12 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                     ["model.soft_push=obj", "model.soft_weight_end=1.0", "model.t_end=0.0"]),
     "obj_swe2_t0": ("soft weight 0.4 -> 2.0, t ends at 0, the push through objectness only",
                     ["model.soft_push=obj", "model.soft_weight_end=2.0", "model.t_end=0.0"]),
+    "iou": ("certain positive: the pick with the best predicted box (IoU alone)",
+            ["model.certain_by=iou"]),
+    "iou_swe3_t0_late": ("certain by IoU alone; soft weight held to half of t's fall, then "
+                         "-> 3.0; t ends at 0",
+                         ["model.certain_by=iou", "model.soft_weight_end=3.0",
+                          "model.soft_weight_from=0.5", "model.t_end=0.0"]),
     "rank1": ("certain-positive ranking loss, weight 0 -> 1 with t",
               ["model.rank_weight=1.0"]),
     "rank1_t0": ("certain-positive ranking loss, weight 0 -> 1 with t, t ends at 0",

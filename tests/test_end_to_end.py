@@ -171,6 +171,22 @@ def test_certain_positive_by_score():
     assert torch.equal(release.box_targets, by_score.box_targets)  # picks unchanged
 
 
+def test_certain_positive_by_iou_alone():
+    # One gt (0, 0, 64, 64). A: prob 0.9, IoU 0.8, quality 0.9^0.2 * 0.8^0.8 = 0.819.
+    # B: prob 0.01 (a soft anchor pushed down), IoU 0.9, quality 0.01^0.2 * 0.9^0.8 = 0.362.
+    # By quality A stays certain on its score; by IoU alone B, the better box, is.
+    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 51.2], [0.0, 0.0, 64.0, 57.6]])
+    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
+            torch.tensor([[0.9], [0.01]]), boxes, gt, torch.tensor([0]))
+    release = one_to_few(*args, num_classes=1, t=0.3)
+    by_iou = one_to_few(*args, num_classes=1, t=0.3, certain_by="iou")
+    assert release.weights.tolist() == pytest.approx([1.0, 0.4])
+    assert by_iou.weights.tolist() == pytest.approx([0.4, 1.0])
+    assert by_iou.soft_labels.tolist() == pytest.approx([0.3, 1.0])
+    assert torch.equal(release.box_targets, by_iou.box_targets)  # picks unchanged
+
+
 def test_max_filter_takes_the_maximum_over_space_and_neighbouring_levels():
     mf = MaxFilter3D(4)
     with torch.no_grad():  # conv = identity, so the filter's arithmetic shows

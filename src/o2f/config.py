@@ -51,7 +51,7 @@ class ModelConfig:
     t_end_at: float = 1.0  # iter schedule: fraction of training where t reaches t_end, held
     o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
-    certain_by: str = "quality"  # quality (release) | score | centred | centred_in_level
+    certain_by: str = "quality"  # quality (release) | score | iou | centred | centred_in_level
     rank_weight: float = 0.0  # >0: per gt, softmax CE making the certain positive the peak
     poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
     reg_weight: float = 2.0

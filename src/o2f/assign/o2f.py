@@ -101,7 +101,10 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     about equal quality the one nearer the centre wins, a rule the network can see in its
     input. ``"score"`` picks the one the network already scores highest: of two near-equal
     neighbours the leader stays certain and the other is pushed down, so the pair stops
-    trading the role from one iteration to the next.
+    trading the role from one iteration to the next. ``"iou"`` picks the best predicted box
+    (quality with alpha = 1): once the soft anchors score near 0, prob^(1 - alpha) keeps
+    the certain role with the cell that already scores, whatever its box; by IoU alone the
+    score keeps following the box.
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -145,8 +148,10 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
             key = (level == best_stride[gt_idx[won]]).float() * 2 + centred
     elif certain_by == "score":  # the pick the network already ranks first
         key = prob[won]
+    elif certain_by == "iou":  # the pick with the best box, whatever it scores
+        key = iou[won]
     elif certain_by != "quality":
-        raise ValueError("model.certain_by must be quality, score, centred or "
+        raise ValueError("model.certain_by must be quality, score, iou, centred or "
                          f"centred_in_level, got {certain_by!r}")
     won = won[_sort_groups(gt_idx[won], key)]
     pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
