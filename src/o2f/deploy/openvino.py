@@ -86,6 +86,13 @@ def _save(ov, model, graph: str | Path, out: str | Path) -> Path:
     return out
 
 
+# Operations NNCF would quantise by default that stay float32: int8 goes to the
+# convolutions only (as the onnxruntime path), not to the FPN's sums and resampling or
+# the normalisations.
+FLOAT_TYPES = ["Add", "Multiply", "Subtract", "Divide", "Interpolate", "MVN", "ReduceMean",
+               "MaxPool", "MatMul"]
+
+
 def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *, limit: int = 64
                   ) -> Path:
     """Write an int8 OpenVINO IR of the float32 ONNX ``graph`` by NNCF post-training
@@ -107,7 +114,8 @@ def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *, limi
                       for name in ("reg_out", "obj_tower.0.", "obj_out"))]
     quantized = nncf.quantize(
         model, nncf.Dataset(inputs), subset_size=len(inputs),
-        ignored_scope=nncf.IgnoredScope(names=keep_float, validate=False))
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=nncf.IgnoredScope(names=keep_float, types=FLOAT_TYPES, validate=False))
     return _save(ov, quantized, graph, out)
 
 
