@@ -354,3 +354,23 @@ def test_recipe_sets_its_keys_later_keys_win_and_a_saved_config_reloads():
     assert all(getattr(back, k) == getattr(release, k) for k in RECIPES["strict-e2e"])
     with pytest.raises(ConfigError, match="strict-e2e"):
         load_config("digits", ["model.recipe=strict"])
+
+
+def test_certain_weight_weighs_the_certain_positives_only():
+    # The two-cell case above: A certain (prob 0.9), B a soft anchor; the weight of the
+    # certain positive's term becomes 2, the soft anchor's stays 0.4.
+    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 51.2], [0.0, 0.0, 64.0, 57.6]])
+    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
+            torch.tensor([[0.9], [0.01]]), boxes, gt, torch.tensor([0]))
+    heavy = one_to_few(*args, num_classes=1, t=0.3, certain_weight=2.0)
+    assert heavy.weights.tolist() == pytest.approx([2.0, 0.4])
+    assert heavy.soft_labels.tolist() == pytest.approx([1.0, 0.3])
+    model, images, targets = _scene(["model.certain_weight=2.0"])
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    for a in model.assign(out, targets, 0.4):
+        certain = a.soft_labels == 1
+        assert certain.any() and bool((a.weights[certain] == 2.0).all())
+        assert bool((a.weights[a.positive & ~certain] == 0.4).all())
+    assert load_config("digits").model.certain_weight == 1.0

@@ -84,6 +84,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
                soft_weight: float = 0.4, certain_by: str = "quality",
+               certain_weight: float = 1.0,
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -94,7 +95,8 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``soft_weight``), everything else negative. ``topk=1`` is the o2o baseline.
     ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
     candidate search O(G) instead of O(N x G); the result is the same.
-    ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
+    ``certain_weight`` (beyond the release, which has 1) weighs each certain positive's
+    term. ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
     each gt's certain positive by quality x the centerness of the point in the gt box
     (``"centred"``), or on the level of the best-quality pick, the cell nearest the centre
     (``"centred_in_level"``), instead of by quality alone: of two neighbouring cells of
@@ -167,7 +169,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     out.labels[pos] = gt_labels[pos_gt]
     out.box_targets[pos] = paired_distances(p, box)
     out.soft_labels[pos] = torch.where(certain, 1.0, soft)
-    out.weights[pos] = torch.where(certain, 1.0, soft_weight)
+    out.weights[pos] = torch.where(certain, certain_weight, soft_weight)
     return out
 
 
@@ -184,6 +186,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       num_classes=cfg.num_classes, t=t,
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
+                      certain_weight=cfg.certain_weight,
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
     if cfg.soft_push == "obj":
         out.loss = "soft_focal_obj"
