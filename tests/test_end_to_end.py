@@ -153,15 +153,21 @@ def test_certain_positive_by_quality_times_centerness():
     assert load_config("digits").model.certain_by == "quality"
 
 
+def _two_cells(probs: list[float], box_bottoms: list[float]) -> tuple:
+    """one_to_few's inputs for one gt (0, 0, 64, 64) and two stride-8 cells A (28, 28) and
+    B (36, 36) of the given class probs, predicting (0, 0, 64, bottom): IoU bottom / 64."""
+    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    boxes = torch.tensor([[0.0, 0.0, 64.0, b] for b in box_bottoms])
+    return (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
+            torch.tensor([[p] for p in probs]), boxes, gt, torch.tensor([0]))
+
+
 def test_certain_positive_by_score():
     # One gt (0, 0, 64, 64), two cells. A: prob 0.9, predicted box (0, 0, 64, 38.4), IoU 0.6,
     # quality 0.9^0.2 * 0.6^0.8 = 0.651. B: prob 0.7, box (0, 0, 64, 57.6), IoU 0.9,
     # quality 0.7^0.2 * 0.9^0.8 = 0.856. By quality B is certain; by score A is, and B's
     # soft label is then its prob over the best soft prob (its own) times t.
-    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
-    boxes = torch.tensor([[0.0, 0.0, 64.0, 38.4], [0.0, 0.0, 64.0, 57.6]])
-    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
-            torch.tensor([[0.9], [0.7]]), boxes, gt, torch.tensor([0]))
+    args = _two_cells([0.9, 0.7], [38.4, 57.6])
     release = one_to_few(*args, num_classes=1, t=0.3)
     by_score = one_to_few(*args, num_classes=1, t=0.3, certain_by="score")
     assert release.soft_labels.tolist() == pytest.approx([0.3, 1.0])
@@ -175,10 +181,7 @@ def test_certain_positive_by_iou_alone():
     # One gt (0, 0, 64, 64). A: prob 0.9, IoU 0.8, quality 0.9^0.2 * 0.8^0.8 = 0.819.
     # B: prob 0.01 (a soft anchor pushed down), IoU 0.9, quality 0.01^0.2 * 0.9^0.8 = 0.362.
     # By quality A stays certain on its score; by IoU alone B, the better box, is.
-    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
-    boxes = torch.tensor([[0.0, 0.0, 64.0, 51.2], [0.0, 0.0, 64.0, 57.6]])
-    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
-            torch.tensor([[0.9], [0.01]]), boxes, gt, torch.tensor([0]))
+    args = _two_cells([0.9, 0.01], [51.2, 57.6])
     release = one_to_few(*args, num_classes=1, t=0.3)
     by_iou = one_to_few(*args, num_classes=1, t=0.3, certain_by="iou")
     assert release.weights.tolist() == pytest.approx([1.0, 0.4])
@@ -359,10 +362,7 @@ def test_recipe_sets_its_keys_later_keys_win_and_a_saved_config_reloads():
 def test_certain_weight_weighs_the_certain_positives_only():
     # The two-cell case above: A certain (prob 0.9), B a soft anchor; the weight of the
     # certain positive's term becomes 2, the soft anchor's stays 0.4.
-    gt = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
-    boxes = torch.tensor([[0.0, 0.0, 64.0, 51.2], [0.0, 0.0, 64.0, 57.6]])
-    args = (torch.tensor([[28.0, 28.0], [36.0, 36.0]]), torch.full((2,), 8.0),
-            torch.tensor([[0.9], [0.01]]), boxes, gt, torch.tensor([0]))
+    args = _two_cells([0.9, 0.01], [51.2, 57.6])
     heavy = one_to_few(*args, num_classes=1, t=0.3, certain_weight=2.0)
     assert heavy.weights.tolist() == pytest.approx([2.0, 0.4])
     assert heavy.soft_labels.tolist() == pytest.approx([1.0, 0.3])

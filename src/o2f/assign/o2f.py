@@ -48,6 +48,14 @@ def soft_label_ceiling_by_iter(progress: float, start: float = 0.6, end: float =
     return start + (end - start) * min(max(float(progress), 0.0) / end_at, 1.0)
 
 
+def _share_of_fall(t: float, cfg: ModelConfig) -> float:
+    """How far t has fallen from ``t_start`` towards ``t_end``: 0 at the start, 1 at the
+    end, clamped to [0, 1] outside (1 when t does not fall)."""
+    if cfg.t_start == cfg.t_end:
+        return 1.0
+    return min(max((cfg.t_start - t) / (cfg.t_start - cfg.t_end), 0.0), 1.0)
+
+
 def soft_weight_at(t: float, cfg: ModelConfig) -> float:
     """The soft anchors' loss weight when the ceiling is ``t``: ``model.soft_weight``
     throughout (the release), or, with ``model.soft_weight_end`` set, moving with t from
@@ -57,12 +65,10 @@ def soft_weight_at(t: float, cfg: ModelConfig) -> float:
     then moves it over the rest (s = 0: over the whole fall)."""
     if cfg.soft_weight_end is None or cfg.t_start == cfg.t_end:
         return cfg.soft_weight
-    f = (cfg.t_start - t) / (cfg.t_start - cfg.t_end)
     if not 0.0 <= cfg.soft_weight_from < 1.0:
         raise ValueError(f"model.soft_weight_from must be in [0, 1), got {cfg.soft_weight_from}")
-    if cfg.soft_weight_from > 0:
-        f = (f - cfg.soft_weight_from) / (1.0 - cfg.soft_weight_from)
-    f = min(max(f, 0.0), 1.0)
+    f = _share_of_fall(t, cfg)
+    f = max(f - cfg.soft_weight_from, 0.0) / (1.0 - cfg.soft_weight_from)
     return cfg.soft_weight + (cfg.soft_weight_end - cfg.soft_weight) * f
 
 
@@ -74,10 +80,7 @@ def rank_weight_at(t: float, cfg: ModelConfig) -> float:
     negatives. With a constant t it is ``rank_weight`` throughout."""
     if cfg.rank_weight < 0:
         raise ValueError(f"model.rank_weight must be >= 0, got {cfg.rank_weight}")
-    if cfg.t_start == cfg.t_end:
-        return cfg.rank_weight
-    f = min(max((cfg.t_start - t) / (cfg.t_start - cfg.t_end), 0.0), 1.0)
-    return cfg.rank_weight * f
+    return cfg.rank_weight * _share_of_fall(t, cfg)
 
 
 def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Tensor,
