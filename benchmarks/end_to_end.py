@@ -74,6 +74,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                          "-> 3.0; t ends at 0",
                          ["model.certain_by=iou", "model.soft_weight_end=3.0",
                           "model.soft_weight_from=0.5", "model.t_end=0.0"]),
+    "strict_t01": ("strict-e2e with t ending at 0.1 (soft labels kept below the duplicate "
+                   "score)", ["model.recipe=strict-e2e", "model.t_end=0.1"]),
+    "strict_t02": ("strict-e2e with t ending at 0.2, the release's end",
+                   ["model.recipe=strict-e2e", "model.t_end=0.2"]),
+    "strict_cbw3": ("strict-e2e with the certain positive's box loss weighing 3x",
+                    ["model.recipe=strict-e2e", "model.certain_box_weight=3.0"]),
+    "cbw3": ("the certain positive's box loss weighing 3x", ["model.certain_box_weight=3.0"]),
     "swe3_t0_late_cw2": ("strict-e2e with each certain positive weighing 2",
                          ["model.recipe=strict-e2e", "model.certain_weight=2.0"]),
     "swe3_t0_late_cw3": ("strict-e2e with each certain positive weighing 3",
@@ -105,23 +112,29 @@ def launch(out: Path, variant: str, classes: int, lever: str, budget: float
 def table(out: Path, variant: str, classes: int, levers: list[str], budget: float) -> str:
     lines = ["| lever | epochs | AP | AP50 | AP75 | AP + NMS | AP gained by NMS | "
              "duplicates / image | duplicates + NMS | AP, duplicates removed | "
-             "median p certain | median p soft (target) | soft anchors at p >= 0.3 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "AP (AP75), one box per object | objects whose peak box / best box has IoU "
+             ">= 0.75 | median p certain | median p soft (target) | soft anchors at p >= 0.3 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lever in levers:
         path = run_dir(out, variant, classes, lever, budget) / "results.json"
         if not path.exists():
-            lines.append(f"| {LEVERS[lever][0]} | - | not run |" + " |" * 10)
+            lines.append(f"| {LEVERS[lever][0]} | - | not run |" + " |" * 12)
             continue
         result = json.loads(path.read_text())
         row = result["rows"][0]
         nms, soft = row["with_nms"], row.get("soft_anchors", {})
         dedup = row.get("without_duplicates", {}).get("AP")
+        one = row.get("one_box_per_object")
+        one_box = "-" if one is None else f"{one['AP']:.3f} ({one['AP75']:.3f})"
+        peak = ("-" if "peak_iou_75" not in soft else
+                f"{soft['peak_iou_75']:.2f} / {soft['best_iou_75']:.2f}")
         lines.append(
             f"| {LEVERS[lever][0]} | {result['epochs']} | {row['AP']:.3f} | "
             f"{row['AP50']:.3f} | {row['AP75']:.3f} | {nms['AP']:.3f} | "
             f"{row['AP_gained_by_nms']:+.3f} | {row['duplicates_per_image']:.2f} | "
             f"{nms['duplicates_per_image']:.2f} | "
             f"{'-' if dedup is None else f'{dedup:.3f}'} | "
+            f"{one_box} | {peak} | "
             f"{soft.get('median_certain', 0):.2f} | "
             f"{soft.get('median_soft', 0):.2f} ({soft.get('median_soft_target', 0):.2f}) | "
             f"{soft.get('soft_at_or_above_score', 0):.2f} |")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
-from o2f.assign.common import Assignment
-from o2f.assign.o2f import rank_weight_at, soft_weight_at
+from o2f.assign.common import Assignment, centerness
+from o2f.assign.o2f import certain_box_weights, rank_weight_at, soft_weight_at
 from o2f.config import RECIPES, ConfigError, config_from_dict, load_config
 from o2f.engine import soft_label_phase
 from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
@@ -374,3 +374,35 @@ def test_certain_weight_weighs_the_certain_positives_only():
         assert certain.any() and bool((a.weights[certain] == 2.0).all())
         assert bool((a.weights[a.positive & ~certain] == 0.4).all())
     assert load_config("digits").model.certain_weight == 1.0
+
+
+def test_certain_box_weight_scales_the_certain_positives_box_loss_only():
+    # Two cells: A (28, 28) certain (prob 0.9), B (36, 36) a soft anchor. The gt
+    # (0, 0, 64, 72) gives A the target (28, 28, 36, 44), centerness sqrt(28/36 * 28/44)
+    # = 0.7035, and B (36, 36, 28, 36), sqrt(28/36) = 0.8819.
+    gt_args = list(_two_cells([0.9, 0.01], [51.2, 57.6]))
+    gt_args[4] = torch.tensor([[0.0, 0.0, 64.0, 72.0]])
+    a = one_to_few(*gt_args, num_classes=1, t=0.3)
+    assert a.soft_labels.tolist() == pytest.approx([1.0, 0.3])
+    assert certain_box_weights(a, 3.0).tolist() == pytest.approx([3 * 0.7035, 0.8819],
+                                                                 abs=1e-4)
+    assert certain_box_weights(a, 1.0).tolist() == pytest.approx([0.7035, 0.8819], abs=1e-4)
+    # through the model: the release leaves the weighting to the detector (centerness);
+    # the option changes the box loss and nothing else
+    model, images, targets = _scene()
+    model.train()
+    assert all(a.box_weights is None for a in model.assign(
+        model.forward_dense(images), targets, 0.4))
+    torch.manual_seed(1)
+    release = model(images, targets, t=0.4)
+    model.cfg.certain_box_weight = 3.0
+    for a in model.assign(model.forward_dense(images), targets, 0.4):
+        certain, soft = a.soft_labels == 1, a.positive & (a.soft_labels < 1)
+        assert certain.any() and soft.any()
+        assert torch.allclose(a.box_weights[certain], 3 * centerness(a.box_targets[certain]))
+        assert torch.allclose(a.box_weights[soft], centerness(a.box_targets[soft]))
+        assert bool((a.box_weights[~a.positive] == 0).all())
+    heavy = model(images, targets, t=0.4)
+    assert torch.equal(heavy["loss_cls"], release["loss_cls"])
+    assert not torch.isclose(heavy["loss_box"], release["loss_box"])
+    assert load_config("digits").model.certain_box_weight == 1.0

@@ -54,6 +54,7 @@ class ModelConfig:
     certain_by: str = "quality"  # quality (release) | score | iou | centred | centred_in_level
     rank_weight: float = 0.0  # >0: per gt, softmax CE making the certain positive the peak
     certain_weight: float = 1.0  # loss weight of each certain positive (release: 1)
+    certain_box_weight: float = 1.0  # x the certain positive's box-loss weight (release: 1)
     poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss

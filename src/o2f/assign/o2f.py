@@ -177,12 +177,27 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
 
 
 
+def certain_box_weights(a: Assignment, factor: float) -> Tensor:
+    """Each positive's box-loss weight (``Assignment.box_weights``): the centerness of its
+    target (the release's weighting), times ``factor`` at the certain positives
+    (``model.certain_box_weight``), so the box regression spends more on the cell that is
+    to carry the object's one detection. 0 at negatives."""
+    if factor < 0:
+        raise ValueError(f"model.certain_box_weight must be >= 0, got {factor}")
+    weights = a.soft_labels.new_zeros(a.labels.shape[0])
+    pos = a.positive
+    scale = torch.where(a.soft_labels[pos] == 1, factor, 1.0)
+    weights[pos] = centerness(a.box_targets[pos]) * scale
+    return weights
+
+
 def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,
                *, t: float, soft_anchors: bool = True) -> Assignment:
     """``model.assign=o2f``: one-to-few with ``model.o2f_topk``, or k = 1 in the last phase
     without soft anchors (``soft_anchors=False``, ``model.o2o_from``). ``model.soft_push``
     names the loss: ``joint`` (the release) or ``obj`` (soft anchors pushed down through
-    the objectness only); ``model.rank_weight`` adds the certain-positive ranking loss."""
+    the objectness only); ``model.rank_weight`` adds the certain-positive ranking loss;
+    ``model.certain_box_weight`` weighs the certain positives' box loss."""
     if cfg.soft_push not in ("joint", "obj"):
         raise ValueError(f"model.soft_push must be joint or obj, got {cfg.soft_push!r}")
     out = one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
@@ -191,6 +206,8 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_weight=cfg.certain_weight,
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
+    if cfg.certain_box_weight != 1.0:
+        out.box_weights = certain_box_weights(out, cfg.certain_box_weight)
     if cfg.soft_push == "obj":
         out.loss = "soft_focal_obj"
     if cfg.rank_weight:
