@@ -107,6 +107,28 @@ def test_eager_folds_batchnorm_and_runs_channels_last(trained):
     assert seen == [True]
 
 
+@pytest.mark.slow  # compiles (tens of seconds)
+def test_compiled_backend_matches_eager(trained, val_images, reference):
+    predictor = load_backend("inductor", trained)  # a user's name for it
+    assert predictor.description == "compiled float32"
+    calls = []
+    compiled = predictor.model.forward_dense
+    predictor.model.forward_dense = lambda batch: calls.append(1) or compiled(batch)
+    got = run(predictor, val_images)
+    assert len(calls) == len(val_images)  # the network ran through torch.compile's function
+    assert hasattr(compiled, "_torchdynamo_orig_callable")
+    assert_close_detections(got, reference, box_px=1e-2, score=1e-4)
+
+
+def test_backend_names_users_type():
+    from o2f.deploy import backend_name
+
+    assert [backend_name(n) for n in ("ORT", "onnx", "torch.compile", "ov", "PyTorch")] == [
+        "onnxruntime", "onnxruntime", "compiled", "openvino", "eager"]
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'"):
+        load_backend("tensorrt", torch.nn.Conv2d(1, 1, 1))
+
+
 @pytest.mark.slow  # exports (about a minute on 2 busy cores)
 def test_onnxruntime_backend_matches_eager(trained, float_graph, val_images, reference):
     for source in (float_graph, trained):  # an exported graph, or a checkpoint exported on the fly

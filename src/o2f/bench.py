@@ -193,16 +193,17 @@ def time_paths(model: O2F, cfg, images: list[torch.Tensor], paths: list[str], wo
     """Median seconds of each "backend:dtype" path through :func:`o2f.deploy.load_backend`
     (graph backends read one fixed-size float32 export, or its int8 form calibrated on the
     benchmark's own images); a path whose runtime is missing is reported and skipped."""
-    from o2f.deploy import MissingBackendError, load_backend
+    from o2f.deploy import TORCH_BACKENDS, MissingBackendError, backend_name, load_backend
 
     out: dict[str, float] = {}
     graph = None
     for item in paths:
         backend, _, dtype = item.partition(":")
+        backend = backend_name(backend)
         dtype = dtype or "float32"
         try:
             source: Any = model
-            if backend != "eager":
+            if backend not in TORCH_BACKENDS:
                 if graph is None:
                     graph = _fixed_graph(model, images, work_dir)
                 source = graph
@@ -288,6 +289,8 @@ def format_report(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from o2f.deploy import BACKENDS, backend_name
+
     p.add_argument("--config", default="r50_1x", help="preset to time (default r50_1x)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
@@ -300,6 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precisions to time for each --backend (default float32; int8 "
                         "quantises the graph backends, calibrated on the benchmark images)")
     p.add_argument("--backend", nargs="+", default=["eager", "onnxruntime"],
-                   choices=["eager", "onnxruntime", "openvino"],
-                   help="runtimes to time (default eager onnxruntime)")
+                   type=backend_name, choices=list(BACKENDS),
+                   help="runtimes to time (default eager onnxruntime; compiled: eager "
+                        "with torch.compile, its compilation not timed)")
     p.add_argument("--json", help="also write the figures to this JSON file")

@@ -286,7 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # eager and onnxruntime float32 are always timed (their own rows)
     paths = [f"{b}:{d}" for b in args.backend for d in dict.fromkeys(dtypes)
              if (b, d) not in (("eager", "float32"), ("onnxruntime", "float32"))
-             and not (b == "eager" and d == "int8") and not (b == "onnxruntime" and d == "bf16")]
+             and not (b in ("eager", "compiled") and d == "int8")
+             and not (b == "onnxruntime" and d == "bf16")]
     report = run_bench(args.config, tuple(args.size), args.batch, args.repeats,
                        onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads,
                        paths=paths)
@@ -304,14 +305,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_runtime(p: argparse.ArgumentParser, default_backend: str | None = "eager") -> None:
-    from o2f.deploy import BACKENDS
+    from o2f.deploy import BACKENDS, backend_name
 
     p.add_argument("--dtype", type=str.lower, default="float32",
                    choices=["float32", "fp32", "bf16", "bfloat16"],
                    help="float32 (default) or bf16: bfloat16 autocast (eager) or inference "
                         "precision (openvino); fast where the CPU has AMX or AVX512-BF16")
-    p.add_argument("--backend", choices=BACKENDS, default=default_backend,
-                   help="eager (PyTorch, default), onnxruntime or openvino (these two "
+    p.add_argument("--backend", type=backend_name, choices=BACKENDS, default=default_backend,
+                   help="eager (PyTorch, default), compiled (the same, torch.compile), "
+                        "onnxruntime or openvino (these two "
                         "export a checkpoint on the fly, or run an exported graph)"
                    + ("" if default_backend else "; default eager, or onnxruntime for --onnx"))
 

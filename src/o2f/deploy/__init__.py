@@ -7,6 +7,8 @@ through it and never branch per runtime. The backends, one module each:
 
   - ``eager``: the PyTorch model, BatchNorm folded, channels_last, float32 or bfloat16
     autocast (the last regression conv, the scales and the decoding stay float32);
+  - ``compiled`` (also ``compile``, ``inductor``): the same with the network compiled by
+    ``torch.compile``;
   - ``onnxruntime``: the NMS-free ONNX graph (float32, or int8 QDQ from ``o2f export
     --int8 --calib DIR``);
   - ``openvino``: the same graph (or its OpenVINO IR) compiled by OpenVINO for the CPU,
@@ -26,7 +28,21 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("eager", "onnxruntime", "openvino")
+BACKENDS = ("eager", "compiled", "onnxruntime", "openvino")
+# other names users give the same backends
+ALIASES = {"compile": "compiled", "inductor": "compiled", "torch.compile": "compiled",
+           "torch": "eager", "pytorch": "eager", "ort": "onnxruntime", "onnx": "onnxruntime",
+           "ov": "openvino"}
+
+
+def backend_name(name: str) -> str:
+    """The backend a user's spelling names (``ort`` -> ``onnxruntime``, ``inductor`` ->
+    ``compiled``...); unknown names are returned as given, lower-cased."""
+    return ALIASES.get(name.lower(), name.lower())
+
+
+# the backends that run the PyTorch model itself (the others run an exported graph)
+TORCH_BACKENDS = ("eager", "compiled")
 
 
 class Predictor(Protocol):
@@ -62,11 +78,16 @@ def load_backend(name: str, source: str | Path | nn.Module, dtype: str | torch.d
     from o2f.precision import parse_dtype
 
     dtype = parse_dtype(dtype)
+    name = backend_name(name)
     factory: Callable[..., Predictor]
     if name == "eager":
         from o2f.deploy.eager import EagerPredictor
 
         factory = EagerPredictor
+    elif name == "compiled":
+        from o2f.deploy.eager import CompiledPredictor
+
+        factory = CompiledPredictor
     elif name == "onnxruntime":
         from o2f.deploy.onnxruntime import OnnxRuntimePredictor
 

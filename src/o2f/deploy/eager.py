@@ -40,3 +40,17 @@ class EagerPredictor:
             detections = self.model([img.to(self.device) for img in images])
         return [{k: v.float() if v.is_floating_point() else v for k, v in d.items()}
                 for d in detections]
+
+
+class CompiledPredictor(EagerPredictor):
+    """:class:`EagerPredictor` with the network (``forward_dense``: backbone, FPN, head)
+    compiled by ``torch.compile`` (inductor); decoding and top-k stay eager. The first call
+    at each new input size compiles (tens of seconds on a CPU), later calls reuse it."""
+
+    def __init__(self, source: str | Path | nn.Module, dtype: torch.dtype = torch.float32, *,
+                 device: str | torch.device | None = None, threads: int | None = None,
+                 class_names: list[str] | None = None) -> None:
+        super().__init__(source, dtype, device=device, threads=threads,
+                         class_names=class_names)
+        self.model.forward_dense = torch.compile(self.model.forward_dense)
+        self.description = f"compiled {dtype_name(dtype)}"
