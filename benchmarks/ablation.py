@@ -80,8 +80,9 @@ def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[d
 
         p = torch.sigmoid(out.cls_logits[0]) * torch.sigmoid(out.obj_logits[0])[:, None]
         pos = torch.nonzero(roles.positive).squeeze(1)
-        # o2f's soft anchors are its positives with a label below 1 (whatever their weight)
-        is_soft = (roles.soft_labels < 1) & (model.cfg.assign == "o2f")
+        # o2f's soft anchors are its positives other than the certain ones
+        is_soft = (roles.positive & ~roles.certain if roles.certain is not None
+                   else torch.zeros_like(roles.positive))
         p_pos, is_certain = p[pos, roles.labels[pos]], ~is_soft[pos]
         certain += p_pos[is_certain].tolist()
         soft += p_pos[~is_certain].tolist()

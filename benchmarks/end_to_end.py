@@ -80,6 +80,11 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                    ["model.recipe=strict-e2e", "model.t_end=0.2"]),
     "strict_cbw3": ("strict-e2e with the certain positive's box loss weighing 3x",
                     ["model.recipe=strict-e2e", "model.certain_box_weight=3.0"]),
+    "strict_a06": ("strict-e2e with quality p^0.4 IoU^0.6 (alpha 0.6): the role stays "
+                   "with the cell that scores", ["model.recipe=strict-e2e", "model.alpha=0.6"]),
+    "strict_ciou": ("strict-e2e with the certain positive labelled by its IoU",
+                    ["model.recipe=strict-e2e", "model.certain_label=iou"]),
+    "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
     "cbw3": ("the certain positive's box loss weighing 3x", ["model.certain_box_weight=3.0"]),
     "swe3_t0_late_cw2": ("strict-e2e with each certain positive weighing 2",
                          ["model.recipe=strict-e2e", "model.certain_weight=2.0"]),

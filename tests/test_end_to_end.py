@@ -406,3 +406,27 @@ def test_certain_box_weight_scales_the_certain_positives_box_loss_only():
     assert torch.equal(heavy["loss_cls"], release["loss_cls"])
     assert not torch.isclose(heavy["loss_box"], release["loss_box"])
     assert load_config("digits").model.certain_box_weight == 1.0
+
+
+def test_certain_label_iou_labels_the_peak_by_its_box():
+    # The two-cell case: A certain (prob 0.9, box bottom 51.2: IoU 0.8), B a soft anchor.
+    # With certain_label=iou A's label is its IoU, 0.8; B's soft label and both weights are
+    # the release's, and A is still marked certain (the box weight and the ranking loss
+    # find it by the mark, not by a label of 1).
+    args = _two_cells([0.9, 0.01], [51.2, 57.6])
+    release = one_to_few(*args, num_classes=1, t=0.3)
+    by_iou = one_to_few(*args, num_classes=1, t=0.3, certain_label="iou")
+    assert release.soft_labels.tolist() == pytest.approx([1.0, 0.3])
+    assert by_iou.soft_labels.tolist() == pytest.approx([0.8, 0.3])
+    assert torch.equal(by_iou.weights, release.weights)
+    assert by_iou.certain.tolist() == release.certain.tolist() == [True, False]
+    assert certain_box_weights(by_iou, 2.0)[0] == 2 * certain_box_weights(by_iou, 1.0)[0]
+    with pytest.raises(ValueError, match="certain_label"):
+        one_to_few(*args, num_classes=1, t=0.3, certain_label="quality")
+    model, images, targets = _scene(["model.certain_label=iou"])
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    for a in model.assign(out, targets, 0.4):
+        assert int(a.certain.sum()) == int((a.gt_index.unique() >= 0).sum())  # one per gt
+        assert bool((a.soft_labels[a.certain] < 1).all())
+    assert load_config("digits").model.certain_label == "one"

@@ -55,6 +55,7 @@ class ModelConfig:
     rank_weight: float = 0.0  # >0: per gt, softmax CE making the certain positive the peak
     certain_weight: float = 1.0  # loss weight of each certain positive (release: 1)
     certain_box_weight: float = 1.0  # x the certain positive's box-loss weight (release: 1)
+    certain_label: str = "one"  # one (release) | iou: the certain positive's label is its IoU
     poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss

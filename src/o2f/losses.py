@@ -153,7 +153,8 @@ def certain_rank_loss(cls_logits: Tensor, obj_logits: Tensor, a: Assignment) -> 
     Its gradient raises log p_c by (1 - q_c) and lowers each log p_j by q_j (q = p / sum p),
     so it moves the scores apart without moving their level: it sharpens the group's peak
     rather than pushing the whole group down. A gt with no soft anchor adds 0. The certain
-    positive is the one with soft label 1 (:func:`o2f.assign.one_to_few`).
+    positives are ``a.certain`` (:func:`o2f.assign.one_to_few`), or, in an assignment that
+    does not mark them, the positives labelled 1.
     """
     num_classes = cls_logits.shape[1]
     pos = torch.nonzero(a.labels < num_classes).squeeze(1)
@@ -169,7 +170,7 @@ def certain_rank_loss(cls_logits: Tensor, obj_logits: Tensor, a: Assignment) -> 
         0, group, log_p.detach(), "amax")
     total = log_p.new_zeros(num_groups).index_add(0, group, torch.exp(log_p - peak[group]))
     log_total = peak + torch.log(total)
-    certain = a.soft_labels[pos] == 1
+    certain = (a.soft_labels == 1 if a.certain is None else a.certain)[pos]
     loss = (log_total[group[certain]] - log_p[certain]).sum()
     return loss / reduce_mean(log_p.new_tensor(float(num_groups))).clamp(min=1)
 

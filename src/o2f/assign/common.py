@@ -26,6 +26,7 @@ class Assignment:
     gt_index (N,) int64: index of the assigned ground-truth box, -1 for background.
     box_weights (N,) or None: weight of each positive's GIoU term (None: the centerness
         of its target, the FCOS / o2f weighting).
+    certain (N,) bool or None: o2f's certain positives (None for rules without them).
     loss: which loss reads these targets, a key of :data:`o2f.losses.DENSE_LOSSES`.
     regress: whether the positives also get the box loss.
     aux: a second set of targets trained beside these (POTO's auxiliary one-to-many
@@ -42,6 +43,7 @@ class Assignment:
     weights: Tensor
     gt_index: Tensor
     box_weights: Tensor | None = None
+    certain: Tensor | None = None
     loss: str = "soft_focal"
     regress: bool = True
     aux: Assignment | None = None
@@ -57,12 +59,12 @@ class Assignment:
         """The assignments of a batch's images as one, points concatenated image by image
         (``gt_index`` stays per image). All must share ``loss``; ``aux`` is not carried."""
         first = assignments[0]
-        box_weights = None
-        if first.box_weights is not None:
-            box_weights = torch.cat([a.box_weights for a in assignments])
+        optional = {name: None if getattr(first, name) is None else
+                    torch.cat([getattr(a, name) for a in assignments])
+                    for name in ("box_weights", "certain")}
         return Assignment(*(torch.cat([getattr(a, f) for a in assignments]) for f in
                             ("labels", "box_targets", "soft_labels", "weights", "gt_index")),
-                          box_weights=box_weights, loss=first.loss,
+                          **optional, loss=first.loss,
                           regress=first.regress, loss_options=dict(first.loss_options),
                           points_per_image=first.labels.numel())
 

@@ -87,7 +87,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                gt_boxes: Tensor, gt_labels: Tensor, *, num_classes: int, t: float,
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
                soft_weight: float = 0.4, certain_by: str = "quality",
-               certain_weight: float = 1.0,
+               certain_weight: float = 1.0, certain_label: str = "one",
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -99,7 +99,9 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``level_shapes`` (optional, the feature-map sizes behind ``points``) makes the
     candidate search O(G) instead of O(N x G); the result is the same.
     ``certain_weight`` (beyond the release, which has 1) weighs each certain positive's
-    term. ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
+    term; ``certain_label="iou"`` makes its label the IoU of its predicted box with the gt
+    (the release: 1), so the scores of the objects' peaks rank them by how well they are
+    boxed. ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
     each gt's certain positive by quality x the centerness of the point in the gt box
     (``"centred"``), or on the level of the best-quality pick, the cell nearest the centre
     (``"centred_in_level"``), instead of by quality alone: of two neighbouring cells of
@@ -115,6 +117,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     """
     num_points, num_gts = points.shape[0], gt_boxes.shape[0]
     out = _background(num_points, num_classes, pred_boxes)
+    out.certain = torch.zeros(num_points, dtype=torch.bool, device=pred_boxes.device)
     if num_gts == 0:
         return out
 
@@ -171,8 +174,15 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     out.gt_index[pos] = pos_gt
     out.labels[pos] = gt_labels[pos_gt]
     out.box_targets[pos] = paired_distances(p, box)
-    out.soft_labels[pos] = torch.where(certain, 1.0, soft)
+    if certain_label == "iou":  # clamped: a label of 0 would make the peak a negative
+        certain_target = iou[won].clamp(min=0.01)
+    elif certain_label == "one":
+        certain_target = torch.ones_like(soft)
+    else:
+        raise ValueError(f"model.certain_label must be one or iou, got {certain_label!r}")
+    out.soft_labels[pos] = torch.where(certain, certain_target, soft)
     out.weights[pos] = torch.where(certain, certain_weight, soft_weight)
+    out.certain[pos] = certain
     return out
 
 
@@ -186,7 +196,7 @@ def certain_box_weights(a: Assignment, factor: float) -> Tensor:
         raise ValueError(f"model.certain_box_weight must be >= 0, got {factor}")
     weights = a.soft_labels.new_zeros(a.labels.shape[0])
     pos = a.positive
-    scale = torch.where(a.soft_labels[pos] == 1, factor, 1.0)
+    scale = torch.where(a.certain[pos], factor, 1.0)
     weights[pos] = centerness(a.box_targets[pos]) * scale
     return weights
 
@@ -204,7 +214,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       num_classes=cfg.num_classes, t=t,
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
-                      certain_weight=cfg.certain_weight,
+                      certain_weight=cfg.certain_weight, certain_label=cfg.certain_label,
                       certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
     if cfg.certain_box_weight != 1.0:
         out.box_weights = certain_box_weights(out, cfg.certain_box_weight)

@@ -290,7 +290,8 @@ class CondInst(O2F):
                                  "one mask per box")
             pos = torch.nonzero(a.positive).squeeze(1)
             if self.cfg.mask_max_pos > 0 and pos.numel() > self.cfg.mask_max_pos:
-                order = torch.argsort(a.soft_labels[pos], descending=True, stable=True)
+                key = a.soft_labels[pos] + (0 if a.certain is None else a.certain[pos])
+                order = torch.argsort(key, descending=True, stable=True)
                 pos = pos[order[: self.cfg.mask_max_pos]]
             if pos.numel() == 0:
                 continue
