@@ -52,6 +52,21 @@ VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("poto", "poto", False
 
 
 @torch.inference_mode()
+def peak_and_best_iou(scores: torch.Tensor, boxes: torch.Tensor, gt_boxes: torch.Tensor,
+                      gt_labels: torch.Tensor, iou: float = 0.5) -> list[tuple[float, float]]:
+    """Per object with a dense box at IoU >= ``iou``: the IoU of its peak (the best-scored of
+    those boxes, scored at the object's class) and the best IoU among them. scores (N, C),
+    boxes (N, 4) all dense predictions of an image; gt_boxes (G, 4), gt_labels (G,)."""
+    overlap = box_iou(boxes, gt_boxes)  # (N, G)
+    out = []
+    for g, label in enumerate(gt_labels.tolist()):
+        near = overlap[:, g] >= iou
+        if near.any():
+            peak = int(torch.where(near, scores[:, label], -1.0).argmax())
+            out.append((float(overlap[peak, g]), float(overlap[near, g].max())))
+    return out
+
+
 def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[dict, dict]:
     """Two readings of a trained model's dense outputs on ``dataset`` (one image per batch),
     both against its own assignment at the end of the schedule (t = ``t_end``).
@@ -91,13 +106,10 @@ def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[d
         boxes, scores, labels, points = (x[0] for x in model.postprocess(
             out, sizes, return_index=True))
         gt_boxes = targets[0]["boxes"].reshape(-1, 4)  # in the batch's pixels, as the boxes
-        overlap = box_iou(decode(out.points, out.box_ltrb[0].float()), gt_boxes)  # (N, G)
-        for g, label in enumerate(targets[0]["labels"].tolist()):
-            near = overlap[:, g] >= 0.5
-            if near.any():
-                peak = int(torch.where(near, p[:, label], -1.0).argmax())
-                peak_iou.append(float(overlap[peak, g]))
-                best_iou.append(float(overlap[near, g].max()))
+        for peak, best in peak_and_best_iou(p, decode(out.points, out.box_ltrb[0].float()),
+                                            gt_boxes, targets[0]["labels"]):
+            peak_iou.append(peak)
+            best_iou.append(best)
         starts = torch.tensor([0] + out.level_sizes).cumsum(0)
         for i, j, g in duplicate_pairs(boxes, scores, labels, gt_boxes, target["labels"],
                                        score=score, iou=iou):

@@ -5,6 +5,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 spec = importlib.util.spec_from_file_location(
     "ablation_bench", Path(__file__).parents[1] / "benchmarks" / "ablation.py")
 ablation = importlib.util.module_from_spec(spec)
@@ -30,3 +33,16 @@ def test_separate_runs_merge_into_one_table(tmp_path):
     fresh = [{"variant": "poto", "AP": 0.3}]
     assert ablation.merged_with_earlier(path, other, fresh, {}) == (fresh, {})
     assert ablation.merged_with_earlier(tmp_path / "none.json", args, fresh, {}) == (fresh, {})
+
+
+def test_peak_and_best_iou_per_object():
+    # One object (0, 0, 10, 10) of class 1. Box 0 fits (IoU 1) but scores 0.2 at class 1;
+    # box 1 (IoU 0.64) scores 0.9; box 2 (IoU 0.25, under 0.5) scores 0.95 and is not a
+    # candidate; box 3 fits too but scores high only at class 0. A second object with no
+    # box at IoU >= 0.5 is left out.
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 8.0, 8.0],
+                          [0.0, 0.0, 5.0, 5.0], [0.0, 0.0, 10.0, 10.0]])
+    scores = torch.tensor([[0.0, 0.2], [0.0, 0.9], [0.0, 0.95], [0.99, 0.1]])
+    got = ablation.peak_and_best_iou(scores, boxes, gt, torch.tensor([1, 1]))
+    assert got == [pytest.approx((0.64, 1.0))]
