@@ -172,9 +172,9 @@ def test_a_missing_runtime_is_a_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(MissingBackendError) as e:
         load_backend("onnxruntime", float_graph)
     assert "\n" not in str(e.value) and "o2f[deploy]" in str(e.value)
-    with pytest.raises(ValueError, match="choose from eager, onnxruntime, openvino"):
+    with pytest.raises(ValueError, match="choose from eager, compiled, onnxruntime, openvino"):
         load_backend("tensorrt", float_graph)
-    assert deploy.BACKENDS == ("eager", "onnxruntime", "openvino")
+    assert deploy.BACKENDS == ("eager", "compiled", "onnxruntime", "openvino")
 
 
 def test_eval_takes_dtype(trained, tmp_path):
