@@ -51,22 +51,21 @@ VARIANTS = [("o2f", "o2f", False), ("o2o", "o2o", False), ("poto", "poto", False
             ("o2m + NMS", "o2m", True), ("o2m, no NMS", "o2m", False)]
 
 
-@torch.inference_mode()
 def peak_and_best_iou(scores: torch.Tensor, boxes: torch.Tensor, gt_boxes: torch.Tensor,
                       gt_labels: torch.Tensor, iou: float = 0.5) -> list[tuple[float, float]]:
     """Per object with a dense box at IoU >= ``iou``: the IoU of its peak (the best-scored of
     those boxes, scored at the object's class) and the best IoU among them. scores (N, C),
     boxes (N, 4) all dense predictions of an image; gt_boxes (G, 4), gt_labels (G,)."""
     overlap = box_iou(boxes, gt_boxes)  # (N, G)
-    out = []
-    for g, label in enumerate(gt_labels.tolist()):
-        near = overlap[:, g] >= iou
-        if near.any():
-            peak = int(torch.where(near, scores[:, label], -1.0).argmax())
-            out.append((float(overlap[peak, g]), float(overlap[near, g].max())))
-    return out
+    near = overlap >= iou
+    peak = torch.where(near, scores[:, gt_labels], -1.0).argmax(0)  # (G,)
+    peak_iou = overlap.gather(0, peak[None])[0]
+    best_iou = torch.where(near, overlap, 0.0).max(0).values
+    found = near.any(0)
+    return list(zip(peak_iou[found].tolist(), best_iou[found].tolist(), strict=True))
 
 
+@torch.inference_mode()
 def diagnose(model, dataset, *, score: float = 0.3, iou: float = 0.5) -> tuple[dict, dict]:
     """Two readings of a trained model's dense outputs on ``dataset`` (one image per batch),
     both against its own assignment at the end of the schedule (t = ``t_end``).

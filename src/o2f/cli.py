@@ -280,13 +280,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from o2f.bench import format_report, run_bench
+    from o2f.deploy import TORCH_BACKENDS
     from o2f.precision import dtype_name, parse_dtype
 
     dtypes = [d if d == "int8" else dtype_name(parse_dtype(d)) for d in args.dtype]
     # eager and onnxruntime float32 are always timed (their own rows)
     paths = [f"{b}:{d}" for b in args.backend for d in dict.fromkeys(dtypes)
              if (b, d) not in (("eager", "float32"), ("onnxruntime", "float32"))
-             and not (b in ("eager", "compiled") and d == "int8")
+             and not (b in TORCH_BACKENDS and d == "int8")
              and not (b == "onnxruntime" and d == "bf16")]
     report = run_bench(args.config, tuple(args.size), args.batch, args.repeats,
                        onnx=not args.no_onnx, fcos=not args.no_fcos, threads=args.threads,

@@ -115,6 +115,8 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
+    if certain_label not in ("one", "iou"):
+        raise ValueError(f"model.certain_label must be one or iou, got {certain_label!r}")
     num_points, num_gts = points.shape[0], gt_boxes.shape[0]
     out = _background(num_points, num_classes, pred_boxes)
     out.certain = torch.zeros(num_points, dtype=torch.bool, device=pred_boxes.device)
@@ -174,12 +176,8 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     out.gt_index[pos] = pos_gt
     out.labels[pos] = gt_labels[pos_gt]
     out.box_targets[pos] = paired_distances(p, box)
-    if certain_label == "iou":  # clamped: a label of 0 would make the peak a negative
-        certain_target = iou[won].clamp(min=0.01)
-    elif certain_label == "one":
-        certain_target = torch.ones_like(soft)
-    else:
-        raise ValueError(f"model.certain_label must be one or iou, got {certain_label!r}")
+    # clamped: a label of 0 would make the peak a negative
+    certain_target = iou[won].clamp(min=0.01) if certain_label == "iou" else 1.0
     out.soft_labels[pos] = torch.where(certain, certain_target, soft)
     out.weights[pos] = torch.where(certain, certain_weight, soft_weight)
     out.certain[pos] = certain
