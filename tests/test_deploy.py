@@ -162,6 +162,49 @@ def test_openvino_backend_matches_eager(float_graph, val_images, reference, tmp_
         assert_close_detections(run(predictor, val_images), reference, box_px=1e-2, score=1e-4)
 
 
+def convolutions_reaching(model, output: str) -> list:
+    """The convolutions of an OpenVINO model whose values reach ``output``: the walk goes
+    back through every input except a gather's indices (the scores' top-k) and stops at
+    convolutions and shape reads. (OpenVINO folds the per-level scale into the box
+    convolution's weights, so their name is lost and the graph must tell.)"""
+    result = next(o for o in model.outputs if output in o.get_names())
+    found, seen, stack = {}, set(), [result.get_node()]
+    while stack:
+        node = stack.pop()
+        if node.get_name() in seen:
+            continue
+        seen.add(node.get_name())
+        kind = node.get_type_name()
+        if kind == "Convolution":
+            found[node.get_name()] = node
+        elif kind not in ("ShapeOf", "Constant", "Parameter"):
+            inputs = node.inputs()[:1] if kind.startswith("Gather") else node.inputs()
+            stack += [i.get_source_output().get_node() for i in inputs]
+    return list(found.values())
+
+
+@pytest.mark.slow  # exports and calibrates (about a minute on 2 busy cores)
+def test_openvino_int8_runs_the_qdq_graph_in_int8_and_keeps_the_boxes(
+        float_graph, rectangles, val_images, reference, tmp_path):
+    ov = pytest.importorskip("openvino")
+    from o2f.deploy.openvino import quantize_int8
+
+    path = quantize_int8(float_graph, tmp_path / "int8.xml", rectangles["train"][1])
+    assert path.suffix == ".xml"
+    ops = ov.Core().read_model(str(path)).get_ops()
+    kinds = {op.get_type_name() for op in ops}
+    assert "FakeQuantize" in kinds and "NMSRotated" not in kinds
+    assert not any("NonMaxSuppression" in k for k in kinds)
+    # the box convolutions stay float32: no quantised weights or inputs reach them
+    box_convs = convolutions_reaching(ov.Core().read_model(str(path)), "boxes")
+    assert len(box_convs) == 3  # one per FPN level of the digits preset (model.num_levels)
+    assert all(op.input_value(i).get_node().get_type_name() == kind
+               for op in box_convs for i, kind in ((0, "Relu"), (1, "Constant")))
+    predictor = load_backend("openvino", path)
+    assert predictor.description == "openvino f32 int8"
+    assert_close_detections(run(predictor, val_images), reference, box_px=2.0)
+
+
 def test_a_missing_runtime_is_a_one_line_error(monkeypatch, tmp_path):
     float_graph = tmp_path / "m.onnx"
     import importlib

@@ -83,6 +83,17 @@ def calibration_inputs(graph: str | Path, folder: str | Path, limit: int = 64
     return inputs
 
 
+def float_convolutions(model) -> list[str]:
+    """Names of the Conv nodes of an o2f ONNX graph that int8 leaves float32: the box
+    convolution (weights ``reg_out``) and every other reader of its input (the objectness
+    tower). A quantised reader would put a quantise / dequantise pair on that shared
+    activation, and the box distances would be computed from int8 features."""
+    initializers = {init.name for init in model.graph.initializer}
+    box_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Conv" and any(
+        "reg_out" in i for i in n.input if i in initializers)}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in box_inputs]
+
+
 def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *,
                   limit: int = 64) -> Path:
     """Write the static int8 (QDQ) form of the float32 graph ``graph`` to ``out``,
@@ -109,9 +120,7 @@ def quantize_int8(graph: str | Path, out: str | Path, calib: str | Path, *,
             return None if x is None else {"images": x}
 
     model = onnx.load(str(graph))
-    initializers = {init.name for init in model.graph.initializer}
-    keep_float = [n.name for n in model.graph.node if n.op_type == "Conv" and any(
-        "reg_out" in i for i in n.input if i in initializers)]
+    keep_float = float_convolutions(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(
