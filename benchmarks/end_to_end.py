@@ -2,7 +2,7 @@
 each lever that targets the remaining duplicates (docs/ablation.md, "End to end in fact").
 
     python benchmarks/end_to_end.py --budget 1 [--classes 1] [--variant crowd] [--jobs 3]
-        [--levers release t_end0 ...] [--out runs/e2e]
+        [--levers release t_end0 ...] [--seed 0] [--out runs/e2e]
 
 Each lever is one run of ``benchmarks/ablation.py --modes o2f`` with its own ``--set``
 overrides (same data, seed, data order and iterations as the release's recipe); runs
@@ -13,6 +13,8 @@ with NMS, the AP gained by NMS, duplicates per image (score >= 0.3) without and 
 the AP with exactly those duplicates left out (the bound of a perfect duplicate removal),
 and how the model's scores at its certain positives and soft anchors ended.
 ``--reevaluate`` evaluates finished runs again (for columns added since they ran).
+``--seed N`` trains with another ``train.seed`` (initialisation and data order; the data
+stay those of seed 0): run-to-run noise, measured.
 """
 
 from __future__ import annotations
@@ -103,31 +105,34 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_dir(out: Path, variant: str, classes: int, lever: str, budget: float) -> Path:
-    return out / f"{variant[0]}{classes}_{lever}_x{budget:g}"
+def run_dir(out: Path, variant: str, classes: int, lever: str, budget: float,
+            seed: int = 0) -> Path:
+    return out / f"{variant[0]}{classes}_{lever}_x{budget:g}{f'_seed{seed}' if seed else ''}"
 
 
-def launch(out: Path, variant: str, classes: int, lever: str, budget: float
+def launch(out: Path, variant: str, classes: int, lever: str, budget: float, seed: int = 0
            ) -> subprocess.Popen:
-    work = run_dir(out, variant, classes, lever, budget)
+    work = run_dir(out, variant, classes, lever, budget, seed)
     cmd = [sys.executable, str(Path(__file__).with_name("ablation.py")), "--out", str(work),
            "--modes", "o2f", "--budget", f"{budget:g}", "--classes", str(classes),
            "--variant", variant]
-    if LEVERS[lever][1]:
-        cmd += ["--set", *LEVERS[lever][1]]
+    overrides = [*LEVERS[lever][1], *([f"train.seed={seed}"] if seed else [])]
+    if overrides:
+        cmd += ["--set", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(f"{work}.log", "w") as log:  # the child keeps its own copy of the handle
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def table(out: Path, variant: str, classes: int, levers: list[str], budget: float) -> str:
+def table(out: Path, variant: str, classes: int, levers: list[str], budget: float,
+          seed: int = 0) -> str:
     lines = ["| lever | epochs | AP | AP50 | AP75 | AP + NMS | AP gained by NMS | "
              "duplicates / image | duplicates + NMS | AP, duplicates removed | "
              "AP (AP75), one box per object | objects whose peak box / best box has IoU "
              ">= 0.75 | median p certain | median p soft (target) | soft anchors at p >= 0.3 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lever in levers:
-        path = run_dir(out, variant, classes, lever, budget) / "results.json"
+        path = run_dir(out, variant, classes, lever, budget, seed) / "results.json"
         if not path.exists():
             lines.append(f"| {LEVERS[lever][0]} | - | not run |" + " |" * 12)
             continue
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=["crowd", "sparse"], default="crowd")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="train.seed of the runs (0: the table's runs; the data stay seed 0's)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="evaluate finished runs again (their checkpoints are kept)")
     parser.add_argument("--collect", action="store_true",
@@ -171,19 +178,21 @@ def main() -> None:
 
     if not args.collect:
         todo = [lever for lever in args.levers if args.reevaluate or not (run_dir(
-            out, args.variant, args.classes, lever, args.budget) / "results.json").exists()]
+            out, args.variant, args.classes, lever, args.budget, args.seed) / "results.json"
+        ).exists()]
         running: list[subprocess.Popen] = []
         while todo or running:
             while todo and len(running) < max(args.jobs, 1):
                 running.append(launch(out, args.variant, args.classes, todo.pop(0),
-                                      args.budget))
+                                      args.budget, args.seed))
             time.sleep(5)
             for proc in [p for p in running if p.poll() is not None]:
                 running.remove(proc)
                 if proc.returncode:
                     print(f"a run failed ({proc.args[3]}.log): exit {proc.returncode}")
-    text = table(out, args.variant, args.classes, args.levers, args.budget)
-    name = f"end_to_end_{args.variant}{args.classes}_x{args.budget:g}.md"
+    text = table(out, args.variant, args.classes, args.levers, args.budget, args.seed)
+    name = (f"end_to_end_{args.variant}{args.classes}_x{args.budget:g}"
+            f"{f'_seed{args.seed}' if args.seed else ''}.md")
     (out / name).write_text(text + "\n")
     print(text)
 
