@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx (default, float32) or openvino (IR: OUT.xml and OUT.bin)")
     p.add_argument("--int8", action="store_true",
                    help="static int8 post-training quantisation (onnx: QDQ for onnxruntime; "
-                        "openvino: NNCF), calibrated on --calib")
+                        "openvino: the same QDQ graph as IR), calibrated on --calib")
     p.add_argument("--calib", metavar="DIR", help="folder of images to calibrate int8 on")
     p.set_defaults(func=cmd_export)
 

@@ -12,7 +12,7 @@ through it and never branch per runtime. The backends, one module each:
   - ``onnxruntime``: the NMS-free ONNX graph (float32, or int8 QDQ from ``o2f export
     --int8 --calib DIR``);
   - ``openvino``: the same graph (or its OpenVINO IR) compiled by OpenVINO for the CPU,
-    bfloat16 on request where the CPU has native bf16, int8 through NNCF.
+    bfloat16 on request where the CPU has native bf16, int8 from the QDQ graph.
 
 ``source`` is a checkpoint (``.pt``), an exported ``.onnx`` / ``.xml`` file, or an
 :class:`o2f.model.detector.O2F` already in memory; a graph runtime given a checkpoint or a
