@@ -92,6 +92,12 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "strict_ciou_t02": ("strict-e2e, the certain positive labelled by its IoU, t ending at 0.2",
                         ["model.recipe=strict-e2e", "model.certain_label=iou",
                          "model.t_end=0.2"]),
+    "strict_top": ("strict-e2e, a soft anchor outscoring its certain positive spared (weight "
+                   "0.4)", ["model.recipe=strict-e2e", "model.soft_weight_top=0.4"]),
+    "strict_ciou_t01_top": ("strict-e2e, IoU label, t ending at 0.1, a soft anchor outscoring "
+                            "its certain positive spared (weight 0.4)",
+                            ["model.recipe=strict-e2e", "model.certain_label=iou",
+                             "model.t_end=0.1", "model.soft_weight_top=0.4"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
     "cbw3": ("the certain positive's box loss weighing 3x", ["model.certain_box_weight=3.0"]),
     "swe3_t0_late_cw2": ("strict-e2e with each certain positive weighing 2",

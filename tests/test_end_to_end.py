@@ -16,7 +16,7 @@ from o2f.assign.o2f import certain_box_weights, rank_weight_at, soft_weight_at
 from o2f.config import RECIPES, ConfigError, config_from_dict, load_config
 from o2f.engine import soft_label_phase
 from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
-from o2f.model.detector import O2F
+from o2f.model.detector import O2F, _dense_predictions
 from o2f.model.head import MaxFilter3D
 
 
@@ -430,3 +430,39 @@ def test_certain_label_iou_labels_the_peak_by_its_box():
         assert int(a.certain.sum()) == int((a.gt_index.unique() >= 0).sum())  # one per gt
         assert bool((a.soft_labels[a.certain] < 1).all())
     assert load_config("digits").model.certain_label == "one"
+
+
+def test_soft_weight_top_spares_the_soft_anchor_that_outscores_its_certain_positive():
+    # One gt (0, 0, 64, 64), two cells. A: prob 0.9, IoU 0.6, quality 0.651; B: prob 0.7,
+    # IoU 0.9, quality 0.856: B is certain, A a soft anchor scoring above it (the pair trades
+    # the role): A keeps the spared weight while soft anchors weigh 3.
+    args = _two_cells([0.9, 0.7], [38.4, 57.6])
+    heavy = one_to_few(*args, num_classes=1, t=0.1, soft_weight=3.0)
+    spared = one_to_few(*args, num_classes=1, t=0.1, soft_weight=3.0, top_soft_weight=0.4)
+    assert heavy.weights.tolist() == pytest.approx([3.0, 1.0])
+    assert spared.weights.tolist() == pytest.approx([0.4, 1.0])
+    assert torch.equal(heavy.soft_labels, spared.soft_labels)  # labels unchanged
+    # A at prob 0.5 (quality 0.5^0.2 * 0.6^0.8 = 0.578) scores under the certain B: not spared
+    args = _two_cells([0.5, 0.7], [38.4, 57.6])
+    below = one_to_few(*args, num_classes=1, t=0.1, soft_weight=3.0, top_soft_weight=0.4)
+    assert below.weights.tolist() == pytest.approx([3.0, 1.0])
+
+
+def test_soft_weight_top_reaches_the_assignment_from_the_config():
+    keys = ["model.soft_weight_end=3.0", "model.t_end=0.0", "model.soft_weight_top=0.4"]
+    model, images, targets = _scene(keys)
+    with torch.no_grad():
+        out = model.forward_dense(images)
+    spared = 0
+    preds = _dense_predictions(out)
+    for a, pred in zip(model.assign(out, targets, 0.0), preds, strict=True):
+        soft = a.positive & ~a.certain
+        prob = pred.scores.gather(1, a.labels.clamp(0, 2)[:, None])[:, 0]  # 3 classes
+        for g in a.gt_index[a.positive].unique():
+            group = a.positive & (a.gt_index == g)
+            top = soft & group & (prob >= prob[group].max())
+            assert bool((a.weights[top] == 0.4).all())
+            assert bool((a.weights[soft & group & ~top] == 3.0).all())
+            spared += int(top.sum())
+    assert spared > 0  # the untrained scene has soft anchors above their certain positive
+    assert load_config("digits").model.soft_weight_top is None

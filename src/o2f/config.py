@@ -42,6 +42,7 @@ class ModelConfig:
     soft_weight: float = 0.4
     soft_weight_end: float | None = None  # None: constant; else the weight follows t to this
     soft_weight_from: float = 0.0  # share of t's fall before the weight starts to move
+    soft_weight_top: float | None = None  # a soft anchor outscoring its gt's other picks
     soft_push: str = "joint"  # joint (release) | obj: soft anchors pushed down via objectness
     t_start: float = 0.6
     t_end: float = 0.2

@@ -88,6 +88,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
                soft_weight: float = 0.4, certain_by: str = "quality",
                certain_weight: float = 1.0, certain_label: str = "one",
+               top_soft_weight: float | None = None,
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -101,17 +102,22 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``certain_weight`` (beyond the release, which has 1) weighs each certain positive's
     term; ``certain_label="iou"`` makes its label the IoU of its predicted box with the gt
     (the release: 1), so the scores of the objects' peaks rank them by how well they are
-    boxed. ``certain_by`` (options beyond the release; picks and soft labels are unchanged) picks
-    each gt's certain positive by quality x the centerness of the point in the gt box
-    (``"centred"``), or on the level of the best-quality pick, the cell nearest the centre
-    (``"centred_in_level"``), instead of by quality alone: of two neighbouring cells of
-    about equal quality the one nearer the centre wins, a rule the network can see in its
-    input. ``"score"`` picks the one the network already scores highest: of two near-equal
-    neighbours the leader stays certain and the other is pushed down, so the pair stops
-    trading the role from one iteration to the next. ``"iou"`` picks the best predicted box
-    (quality with alpha = 1), so the score would follow the box rather than keep the role
-    with the cell that already scores; measured, it lets the role change between cells of
-    near-equal boxes every iteration and no single peak forms (docs/ablation.md).
+    boxed. ``top_soft_weight`` (beyond the release: None, every soft anchor weighs
+    ``soft_weight``) is the weight of a soft anchor that outscores every other pick of its
+    gt, the certain positive included: where two cells trade the certain role, the one the
+    network already ranks first is spared the soft anchors' push while the other takes it,
+    so the peak stays high and its neighbour goes down. ``certain_by`` (options beyond the
+    release; picks and soft labels are unchanged) picks each gt's certain positive by
+    quality x the centerness of the point in the gt box (``"centred"``), or on the level of
+    the best-quality pick, the cell nearest the centre (``"centred_in_level"``), instead of
+    by quality alone: of two neighbouring cells of about equal quality the one nearer the
+    centre wins, a rule the network can see in its input. ``"score"`` picks the one the
+    network already scores highest: of two near-equal neighbours the leader stays certain
+    and the other is pushed down, so the pair stops trading the role from one iteration to
+    the next. ``"iou"`` picks the best predicted box (quality with alpha = 1), so the score
+    would follow the box rather than keep the role with the cell that already scores;
+    measured, it lets the role change between cells of near-equal boxes every iteration and
+    no single peak forms (docs/ablation.md).
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -179,7 +185,12 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     # clamped: a label of 0 would make the peak a negative
     certain_target = iou[won].clamp(min=0.01) if certain_label == "iou" else 1.0
     out.soft_labels[pos] = torch.where(certain, certain_target, soft)
-    out.weights[pos] = torch.where(certain, certain_weight, soft_weight)
+    soft_weights = torch.full_like(pos_prob, soft_weight)
+    if top_soft_weight is not None:
+        max_prob = pos_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, pos_prob, "amax")
+        top = pos_prob >= max_prob[pos_gt]
+        soft_weights = torch.where(top, top_soft_weight, soft_weights)
+    out.weights[pos] = torch.where(certain, certain_weight, soft_weights)
     out.certain[pos] = certain
     return out
 
@@ -213,7 +224,8 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       topk=cfg.o2f_topk if soft_anchors else 1, alpha=cfg.alpha,
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_weight=cfg.certain_weight, certain_label=cfg.certain_label,
-                      certain_by=cfg.certain_by, level_shapes=pred.level_shapes)
+                      top_soft_weight=cfg.soft_weight_top, certain_by=cfg.certain_by,
+                      level_shapes=pred.level_shapes)
     if cfg.certain_box_weight != 1.0:
         out.box_weights = certain_box_weights(out, cfg.certain_box_weight)
     if cfg.soft_push == "obj":
