@@ -111,9 +111,14 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def seed_suffix(seed: int) -> str:
+    """What a run folder or table file of ``--seed`` adds to its name (none for seed 0)."""
+    return f"_seed{seed}" if seed else ""
+
+
 def run_dir(out: Path, variant: str, classes: int, lever: str, budget: float,
             seed: int = 0) -> Path:
-    return out / f"{variant[0]}{classes}_{lever}_x{budget:g}{f'_seed{seed}' if seed else ''}"
+    return out / f"{variant[0]}{classes}_{lever}_x{budget:g}{seed_suffix(seed)}"
 
 
 def launch(out: Path, variant: str, classes: int, lever: str, budget: float, seed: int = 0
@@ -197,8 +202,7 @@ def main() -> None:
                 if proc.returncode:
                     print(f"a run failed ({proc.args[3]}.log): exit {proc.returncode}")
     text = table(out, args.variant, args.classes, args.levers, args.budget, args.seed)
-    name = (f"end_to_end_{args.variant}{args.classes}_x{args.budget:g}"
-            f"{f'_seed{args.seed}' if args.seed else ''}.md")
+    name = f"end_to_end_{args.variant}{args.classes}_x{args.budget:g}{seed_suffix(args.seed)}.md"
     (out / name).write_text(text + "\n")
     print(text)
 

@@ -191,12 +191,12 @@ def test_openvino_int8_runs_the_qdq_graph_in_int8_and_keeps_the_boxes(
 
     path = quantize_int8(float_graph, tmp_path / "int8.xml", rectangles["train"][1])
     assert path.suffix == ".xml"
-    ops = ov.Core().read_model(str(path)).get_ops()
-    kinds = {op.get_type_name() for op in ops}
+    ir = ov.Core().read_model(str(path))
+    kinds = {op.get_type_name() for op in ir.get_ops()}
     assert "FakeQuantize" in kinds and "NMSRotated" not in kinds
     assert not any("NonMaxSuppression" in k for k in kinds)
     # the box convolutions stay float32: no quantised weights or inputs reach them
-    box_convs = convolutions_reaching(ov.Core().read_model(str(path)), "boxes")
+    box_convs = convolutions_reaching(ir, "boxes")
     assert len(box_convs) == 3  # one per FPN level of the digits preset (model.num_levels)
     assert all(op.input_value(i).get_node().get_type_name() == kind
                for op in box_convs for i, kind in ((0, "Relu"), (1, "Constant")))

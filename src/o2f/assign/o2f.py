@@ -185,11 +185,10 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     # clamped: a label of 0 would make the peak a negative
     certain_target = iou[won].clamp(min=0.01) if certain_label == "iou" else 1.0
     out.soft_labels[pos] = torch.where(certain, certain_target, soft)
-    soft_weights = torch.full_like(pos_prob, soft_weight)
+    soft_weights: Tensor | float = soft_weight
     if top_soft_weight is not None:
         max_prob = pos_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, pos_prob, "amax")
-        top = pos_prob >= max_prob[pos_gt]
-        soft_weights = torch.where(top, top_soft_weight, soft_weights)
+        soft_weights = torch.where(pos_prob >= max_prob[pos_gt], top_soft_weight, soft_weight)
     out.weights[pos] = torch.where(certain, certain_weight, soft_weights)
     out.certain[pos] = certain
     return out
