@@ -98,13 +98,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                             "its certain positive spared (weight 0.4)",
                             ["model.recipe=strict-e2e", "model.certain_label=iou",
                              "model.t_end=0.1", "model.soft_weight_top=0.4"]),
-    "strict_leader": ("strict-e2e, certain positive: the best-scored pick boxed within 0.05 "
-                      "IoU of the best", ["model.recipe=strict-e2e", "model.certain_by=leader"]),
+    "strict_leader": ("strict-e2e, certain positive: the best-scored pick within 0.05 of "
+                      "the best quality", ["model.recipe=strict-e2e", "model.certain_by=leader"]),
     "strict_ciou_t01_leader": ("strict-e2e, IoU label, t ending at 0.1, certain positive: the "
-                               "best-scored pick boxed within 0.05 IoU of the best",
+                               "best-scored pick within 0.05 of the best quality",
                                ["model.recipe=strict-e2e", "model.certain_label=iou",
                                 "model.t_end=0.1", "model.certain_by=leader"]),
-    "leader": ("certain positive: the best-scored pick boxed within 0.05 IoU of the best",
+    "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
     "cbw3": ("the certain positive's box loss weighing 3x", ["model.certain_box_weight=3.0"]),

@@ -193,27 +193,27 @@ def test_certain_positive_by_iou_alone():
 def test_certain_positive_leader_is_the_best_scored_of_the_near_best_boxes():
     # One gt (0, 0, 64, 64). A: prob 0.5, IoU 0.9, quality 0.5^0.2 * 0.9^0.8 = 0.800.
     # B: prob 0.55, IoU 0.86, quality 0.55^0.2 * 0.86^0.8 = 0.786. By quality A is certain;
-    # B's box is within 0.05 IoU of A's, so the leader rule takes the better-scored B; with
-    # a margin of 0.03 B's box is too far from the best, and A stays certain.
+    # B's quality is within 0.05 of A's, so the leader rule takes the better-scored B; with
+    # a margin of 0.01 B is too far from the best, and A stays certain.
     args = _two_cells([0.5, 0.55], [57.6, 55.04])
     release = one_to_few(*args, num_classes=1, t=0.3)
     leader = one_to_few(*args, num_classes=1, t=0.3, certain_by="leader")
     narrow = one_to_few(*args, num_classes=1, t=0.3, certain_by="leader",
-                        certain_iou_margin=0.03)
+                        certain_margin=0.01)
     assert release.weights.tolist() == pytest.approx([1.0, 0.4])
     assert leader.weights.tolist() == pytest.approx([0.4, 1.0])
     assert leader.soft_labels.tolist() == pytest.approx([0.3, 1.0])
     assert narrow.weights.tolist() == pytest.approx([1.0, 0.4])
     assert torch.equal(release.box_targets, leader.box_targets)  # picks unchanged
-    # The best score alone is not enough: B at 0.9 with IoU 0.6 is outside the margin
-    # (certain_by=score would take it).
+    # The best score alone is not enough: B at 0.9 with IoU 0.6 (quality 0.651) is outside
+    # the margin (certain_by=score would take it).
     far = _two_cells([0.5, 0.9], [57.6, 38.4])
     assert one_to_few(*far, num_classes=1, t=0.3, certain_by="leader").weights.tolist() == \
         pytest.approx([1.0, 0.4])
     assert one_to_few(*far, num_classes=1, t=0.3, certain_by="score").weights.tolist() == \
         pytest.approx([0.4, 1.0])
-    with pytest.raises(ValueError, match="certain_iou_margin"):
-        one_to_few(*args, num_classes=1, t=0.3, certain_by="leader", certain_iou_margin=-0.1)
+    with pytest.raises(ValueError, match="certain_margin"):
+        one_to_few(*args, num_classes=1, t=0.3, certain_by="leader", certain_margin=-0.1)
 
 
 def test_certain_by_leader_and_its_margin_reach_the_assignment_from_the_config():
@@ -225,7 +225,7 @@ def test_certain_by_leader_and_its_margin_reach_the_assignment_from_the_config()
     cfg = load_config("digits", ["model.num_classes=1", "model.certain_by=leader"]).model
     assert assign_o2f(pred, gt, labels, cfg, t=0.3).weights.tolist() == pytest.approx([0.4, 1.0])
     cfg = load_config("digits", ["model.num_classes=1", "model.certain_by=leader",
-                                 "model.certain_iou_margin=0.03"]).model
+                                 "model.certain_margin=0.01"]).model
     assert assign_o2f(pred, gt, labels, cfg, t=0.3).weights.tolist() == pytest.approx([1.0, 0.4])
 
 

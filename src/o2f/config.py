@@ -54,7 +54,7 @@ class ModelConfig:
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
     # quality (release) | score | iou | leader | centred | centred_in_level
     certain_by: str = "quality"
-    certain_iou_margin: float = 0.05  # certain_by=leader: boxes this near the best compete
+    certain_margin: float = 0.05  # certain_by=leader: picks this near the best quality compete
     rank_weight: float = 0.0  # >0: per gt, softmax CE making the certain positive the peak
     certain_weight: float = 1.0  # loss weight of each certain positive (release: 1)
     certain_box_weight: float = 1.0  # x the certain positive's box-loss weight (release: 1)

@@ -88,7 +88,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                topk: int = 7, alpha: float = 0.8, radius: float = 1.5,
                soft_weight: float = 0.4, certain_by: str = "quality",
                certain_weight: float = 1.0, certain_label: str = "one",
-               top_soft_weight: float | None = None, certain_iou_margin: float = 0.05,
+               top_soft_weight: float | None = None, certain_margin: float = 0.05,
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -117,10 +117,10 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     the next. ``"iou"`` picks the best predicted box (quality with alpha = 1), so the score
     would follow the box rather than keep the role with the cell that already scores;
     measured, it lets the role change between cells of near-equal boxes every iteration and
-    no single peak forms (docs/ablation.md). ``"leader"`` joins the two: of the picks whose
-    box is within ``certain_iou_margin`` IoU of the gt's best pick's box, the one the
-    network scores highest, so near-equal neighbours stop trading the role while the
-    certain positive's box stays within the margin of the best.
+    no single peak forms (docs/ablation.md). ``"leader"`` joins quality and score: of the
+    picks whose quality is within ``certain_margin`` of the gt's best, the one the network
+    scores highest, so neighbours of near-equal quality stop trading the role while the
+    certain positive's quality stays within the margin of the release's choice.
 
     Only (point, gt) candidate pairs are ever formed: quality and IoU are 0 elsewhere.
     """
@@ -169,12 +169,12 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
         key = prob[won]
     elif certain_by == "iou":  # the pick with the best box, whatever it scores
         key = iou[won]
-    elif certain_by == "leader":  # the best-scored of the picks boxed within the margin
-        if certain_iou_margin < 0:
-            raise ValueError(f"model.certain_iou_margin must be >= 0, got {certain_iou_margin}")
-        best_iou = iou.new_zeros(num_gts).scatter_reduce(0, gt_idx[won], iou[won], "amax")
-        near_best = iou[won] >= best_iou[gt_idx[won]] - certain_iou_margin
-        key = near_best.to(prob.dtype) * 2 + prob[won]
+    elif certain_by == "leader":  # the best-scored of the picks near the best quality
+        if certain_margin < 0:
+            raise ValueError(f"model.certain_margin must be >= 0, got {certain_margin}")
+        best = key.new_zeros(num_gts).scatter_reduce(0, gt_idx[won], key, "amax")
+        near_best = key >= best[gt_idx[won]] - certain_margin
+        key = near_best.to(key.dtype) * 2 + prob[won]
     elif certain_by != "quality":
         raise ValueError("model.certain_by must be quality, score, iou, leader, centred or "
                          f"centred_in_level, got {certain_by!r}")
@@ -233,7 +233,7 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_weight=cfg.certain_weight, certain_label=cfg.certain_label,
                       top_soft_weight=cfg.soft_weight_top, certain_by=cfg.certain_by,
-                      certain_iou_margin=cfg.certain_iou_margin,
+                      certain_margin=cfg.certain_margin,
                       level_shapes=pred.level_shapes)
     if cfg.certain_box_weight != 1.0:
         out.box_weights = certain_box_weights(out, cfg.certain_box_weight)
