@@ -109,6 +109,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "strict_ciou_t01_mf": ("strict-e2e, IoU label, t ending at 0.1, DeFCN's 3D max filter",
                            ["model.recipe=strict-e2e", "model.certain_label=iou",
                             "model.t_end=0.1", "model.max_filter=true"]),
+    "strict_aux": ("strict-e2e, a training-only branch on the release's recipe (features "
+                   "from it alone)", ["model.recipe=strict-e2e", "model.aux_branch=release"]),
+    "strict_ciou_t01_aux": ("strict-e2e, IoU label, t ending at 0.1, a training-only branch on "
+                            "the release's recipe", ["model.recipe=strict-e2e",
+                                                     "model.certain_label=iou",
+                                                     "model.t_end=0.1",
+                                                     "model.aux_branch=release"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),

@@ -8,11 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_model import synthetic_image, tiny_config
 from torch import nn
 
 from o2f.assign import one_to_few, soft_label_ceiling, soft_label_ceiling_by_iter
 from o2f.assign.common import Assignment, centerness
-from o2f.assign.o2f import certain_box_weights, rank_weight_at, soft_weight_at
+from o2f.assign.o2f import (
+    assign_o2f,
+    certain_box_weights,
+    rank_weight_at,
+    release_assignment,
+    soft_weight_at,
+)
 from o2f.config import RECIPES, ConfigError, config_from_dict, load_config
 from o2f.engine import soft_label_phase
 from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
@@ -217,8 +224,6 @@ def test_certain_positive_leader_is_the_best_scored_of_the_near_best_boxes():
 
 
 def test_certain_by_leader_and_its_margin_reach_the_assignment_from_the_config():
-    from o2f.assign.o2f import assign_o2f
-
     points, strides, probs, boxes, gt, labels = _two_cells([0.5, 0.55], [57.6, 55.04])
     pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
                            level_shapes=None)
@@ -505,3 +510,50 @@ def test_soft_weight_top_reaches_the_assignment_from_the_config():
             spared += int(top.sum())
     assert spared > 0  # the untrained scene has soft anchors above their certain positive
     assert load_config("digits").model.soft_weight_top is None
+
+
+def test_aux_branch_assigns_the_release_recipe_at_the_same_point_of_training():
+    # strict-e2e (t 0.6 -> 0, soft weight 0.4 held to half of t's fall, then -> 3.0) at
+    # t = 0.15: three quarters of the fall, so the inference branch's soft anchor weighs
+    # 0.4 + 2.6 * 0.5 = 1.7 with label 0.15; the release's ceiling at three quarters of its
+    # fall (0.6 -> 0.2) is 0.3, and its soft anchors weigh 0.4.
+    cfg = load_config("digits", ["model.num_classes=1", "model.recipe=strict-e2e",
+                                 "model.certain_label=iou", "model.aux_branch=release"]).model
+    points, strides, probs, boxes, gt, labels = _two_cells([0.5, 0.55], [57.6, 55.04])
+    pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
+                           level_shapes=None, one_to_many=None)
+    assert soft_weight_at(0.15, cfg) == pytest.approx(1.7)
+    aux = release_assignment(pred, gt, labels, cfg, t=0.15)
+    assert aux.weights.tolist() == pytest.approx([1.0, 0.4])
+    assert aux.soft_labels.tolist() == pytest.approx([1.0, 0.3])  # label 1, not the IoU
+    main = assign_o2f(pred, gt, labels, cfg, t=0.15)
+    assert main.weights.tolist() == pytest.approx([1.0, 1.7])
+    assert main.soft_labels.tolist() == pytest.approx([0.9, 0.15])
+    assert main.aux is None  # no second branch's outputs: nothing to assign
+    pred.one_to_many = pred
+    assert assign_o2f(pred, gt, labels, cfg, t=0.15).aux.weights.tolist() == \
+        pytest.approx([1.0, 0.4])
+
+
+def test_aux_branch_trains_a_second_branch_and_leaves_the_features_to_it():
+    model = O2F(tiny_config(aux_branch="release", recipe="strict-e2e", t_end=0.0,
+                            soft_weight_end=3.0, soft_weight_from=0.5)).train()
+    assert model.head.one_to_many is not None
+    image, target = synthetic_image()
+    batch = model.preprocess([image])[0]
+    out = model.forward_dense(batch)
+    (a,) = model.assign(out, [target], t=0.3)
+    assert a.aux is not None and a.aux.soft_labels.max() == 1.0
+    losses = model.detection_losses(out, [target], [a])
+    assert {"loss_cls", "loss_box", "loss_cls_aux", "loss_box_aux"} <= set(losses)
+    a.aux = None  # the inference branch's losses alone reach neither backbone nor neck
+    sum(model.detection_losses(out, [target], [a]).values()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.backbone.parameters())
+    assert model.head.cls_out.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model.forward_dense(batch).one_to_many is None
+    with pytest.raises(ValueError, match="aux_branch"):
+        O2F(tiny_config(aux_branch="release", assign="o2m"))
+    with pytest.raises(ValueError, match="aux_branch"):
+        model.cfg.aux_branch = "o2m"
+        model.assign(out, [target], t=0.3)

@@ -60,6 +60,10 @@ class ModelConfig:
     certain_box_weight: float = 1.0  # x the certain positive's box-loss weight (release: 1)
     certain_label: str = "one"  # one (release) | iou: the certain positive's label is its IoU
     poto_aux: bool = False  # assign=poto: DeFCN's auxiliary one-to-many loss (loss_cls_aux)
+    # assign=o2f: "release" adds a training-only second head branch trained with the
+    # release's recipe while the inference branch, on detached features, follows the keys
+    # above (YOLOv10's dual branches, one-to-few on both); "" (the release): one branch
+    aux_branch: str = ""
     reg_weight: float = 2.0
     ignore_mode: str = "drop"  # drop: ignore regions are negatives; exclude: out of the loss
     # inference (docs/algorithm.md section 4)

@@ -17,7 +17,7 @@ from o2f.assign.common import (
     paired_box_iou,
     paired_distances,
 )
-from o2f.config import ModelConfig
+from o2f.config import RECIPES, ModelConfig
 
 
 def soft_label_ceiling(epoch: float, num_epochs: int, start: float = 0.6,
@@ -241,7 +241,26 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
         out.loss = "soft_focal_obj"
     if cfg.rank_weight:
         out.loss_options["rank_weight"] = rank_weight_at(t, cfg)
+    if cfg.aux_branch not in ("", "release"):
+        raise ValueError(f"model.aux_branch must be '' or release, got {cfg.aux_branch!r}")
+    if cfg.aux_branch and pred.one_to_many is not None:
+        out.aux = release_assignment(pred.one_to_many, gt_boxes, gt_labels, cfg, t=t)
     return out
+
+
+def release_assignment(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor,
+                       cfg: ModelConfig, *, t: float) -> Assignment:
+    """The release's one-to-few assignment of ``pred`` at the point of training where the
+    configured ceiling is ``t``: the same share of the fall from ``t_start``, to the
+    release's end (0.2) rather than the configured one, the soft anchors at
+    ``model.soft_weight`` throughout, the certain positive by quality with label 1 (the
+    training-only branch of ``model.aux_branch=release``)."""
+    release_end = RECIPES["release"]["t_end"]
+    t_release = cfg.t_start - _share_of_fall(t, cfg) * (cfg.t_start - release_end)
+    return one_to_few(pred.points, pred.strides, pred.scores, pred.boxes, gt_boxes, gt_labels,
+                      num_classes=cfg.num_classes, t=t_release, topk=cfg.o2f_topk,
+                      alpha=cfg.alpha, radius=cfg.radius, soft_weight=cfg.soft_weight,
+                      level_shapes=pred.level_shapes)
 
 
 def assign_o2o(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: ModelConfig,

@@ -217,9 +217,9 @@ class CondInst(O2F):
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
-        if cfg.assign == "dual":
-            raise ValueError("model.assign=dual needs a second head branch, which the "
-                             "instance model does not have; use o2f, o2o, o2m or poto")
+        if cfg.assign == "dual" or cfg.aux_branch:
+            raise ValueError("model.assign=dual and model.aux_branch need a second head "
+                             "branch, which the instance model does not have")
         super().__init__(cfg)
         self.mask_head = DynamicMaskHead(cfg.mask_bases, cfg.dynamic_channels)
         # the detection head again, with the controller conv on its regression tower

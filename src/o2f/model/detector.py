@@ -64,6 +64,9 @@ class O2F(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         get_rule(cfg.assign)  # an unknown model.assign fails here, not at the first step
+        if cfg.aux_branch and cfg.assign not in ("o2f", "o2o"):
+            raise ValueError(f"model.aux_branch trains a one-to-few branch beside an o2f or "
+                             f"o2o head, not beside model.assign={cfg.assign}")
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.backbone_weights,
                                        frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval)
@@ -73,7 +76,7 @@ class O2F(nn.Module):
                             channels=cfg.head_channels, num_convs=cfg.head_convs,
                             obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
                             max_filter=cfg.max_filter,
-                            one_to_many_branch=cfg.assign == "dual")
+                            one_to_many_branch=cfg.assign == "dual" or bool(cfg.aux_branch))
 
     # ------------------------------------------------------------------ pre-processing
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None

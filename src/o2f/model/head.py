@@ -80,10 +80,11 @@ class O2FHead(nn.Module):
         With ``max_filter`` the reg tower outputs pass through :class:`MaxFilter3D` (across
         levels) before this branch, as DeFCN's filter branch does.
 
-    With ``one_to_many_branch`` (``model.assign=dual``) the head holds a second head of the
-    same shape, ``one_to_many``, trained beside it with one-to-many targets and never run
-    at inference; this head then reads the FPN features detached (YOLOv10's rule: the
-    backbone and neck learn from the one-to-many branch only).
+    With ``one_to_many_branch`` (``model.assign=dual`` or ``model.aux_branch``) the head
+    holds a second head of the same shape, ``one_to_many``, trained beside it with
+    one-to-many (or the release's one-to-few) targets and never run at inference; this
+    head then reads the FPN features detached (YOLOv10's rule: the backbone and neck learn
+    from the one-to-many branch only).
 
     ``forward(feats)`` returns, with N = sum_l H_l * W_l (level P3 first, row-major):
       cls_logits (B, N, C), box_ltrb (B, N, 4) pixels, obj_logits (B, N).
