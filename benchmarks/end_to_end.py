@@ -116,6 +116,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                                                      "model.certain_label=iou",
                                                      "model.t_end=0.1",
                                                      "model.aux_branch=release"]),
+    "strict_cap_t02": ("strict-e2e, t ending at 0.2, the heavy weight only on soft anchors "
+                       "scoring >= 0.25", ["model.recipe=strict-e2e", "model.t_end=0.2",
+                                           "model.soft_cap=0.25"]),
+    "strict_ciou_cap_t01": ("strict-e2e, IoU label, t ending at 0.1, the heavy weight only on "
+                            "soft anchors scoring >= 0.25",
+                            ["model.recipe=strict-e2e", "model.certain_label=iou",
+                             "model.t_end=0.1", "model.soft_cap=0.25"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),

@@ -512,6 +512,29 @@ def test_soft_weight_top_reaches_the_assignment_from_the_config():
     assert load_config("digits").model.soft_weight_top is None
 
 
+def test_soft_cap_weighs_only_the_soft_anchors_at_or_above_it():
+    # One gt, A certain by quality (0.800 against 0.786), B a soft anchor scoring 0.55. With
+    # a cap of 0.3 B is above it and takes the heavy weight; with a cap of 0.6 it is under
+    # it and keeps the weight below the cap; the certain positive is never touched.
+    args = _two_cells([0.5, 0.55], [57.6, 55.04])
+    kw = dict(num_classes=1, t=0.1, soft_weight=3.0, below_cap_weight=0.4)
+    assert one_to_few(*args, **kw).weights.tolist() == pytest.approx([1.0, 3.0])
+    assert one_to_few(*args, soft_cap=0.3, **kw).weights.tolist() == pytest.approx([1.0, 3.0])
+    capped = one_to_few(*args, soft_cap=0.6, **kw)
+    assert capped.weights.tolist() == pytest.approx([1.0, 0.4])
+    assert capped.soft_labels.tolist() == pytest.approx([1.0, 0.1])  # labels unchanged
+    # Through the config: strict-e2e at three quarters of t's fall weighs soft anchors 1.7;
+    # under the cap they keep model.soft_weight.
+    points, strides, probs, boxes, gt, labels = args
+    pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
+                           level_shapes=None, one_to_many=None)
+    for cap, weight in ((0.3, 1.7), (0.6, 0.4)):
+        cfg = load_config("digits", ["model.num_classes=1", "model.recipe=strict-e2e",
+                                     f"model.soft_cap={cap}"]).model
+        assert assign_o2f(pred, gt, labels, cfg, t=0.15).weights.tolist() == \
+            pytest.approx([1.0, weight])
+
+
 def test_aux_branch_assigns_the_release_recipe_at_the_same_point_of_training():
     # strict-e2e (t 0.6 -> 0, soft weight 0.4 held to half of t's fall, then -> 3.0) at
     # t = 0.15: three quarters of the fall, so the inference branch's soft anchor weighs

@@ -43,6 +43,9 @@ class ModelConfig:
     soft_weight_end: float | None = None  # None: constant; else the weight follows t to this
     soft_weight_from: float = 0.0  # share of t's fall before the weight starts to move
     soft_weight_top: float | None = None  # a soft anchor outscoring its gt's other picks
+    # soft anchors scoring under the cap keep soft_weight; the scheduled weight is for those
+    # at or above it (None: for every soft anchor, the release)
+    soft_cap: float | None = None
     soft_push: str = "joint"  # joint (release) | obj: soft anchors pushed down via objectness
     t_start: float = 0.6
     t_end: float = 0.2

@@ -89,6 +89,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
                soft_weight: float = 0.4, certain_by: str = "quality",
                certain_weight: float = 1.0, certain_label: str = "one",
                top_soft_weight: float | None = None, certain_margin: float = 0.05,
+               soft_cap: float | None = None, below_cap_weight: float = 0.4,
                level_shapes: list[tuple[int, int]] | None = None) -> Assignment:
     """One-to-few assignment of one image (docs/algorithm.md section 2).
 
@@ -106,7 +107,11 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     ``soft_weight``) is the weight of a soft anchor that outscores every other pick of its
     gt, the certain positive included: where two cells trade the certain role, the one the
     network already ranks first is spared the soft anchors' push while the other takes it,
-    so the peak stays high and its neighbour goes down. ``certain_by`` (options beyond the
+    so the peak stays high and its neighbour goes down. ``soft_cap`` (beyond the release:
+    None) gives ``soft_weight`` only to the soft anchors scoring at least the cap and
+    ``below_cap_weight`` to the others: a heavy push on the neighbours that would show as a
+    second detection of their object, none beyond the release's on those already under
+    it. ``certain_by`` (options beyond the
     release; picks and soft labels are unchanged) picks each gt's certain positive by
     quality x the centerness of the point in the gt box (``"centred"``), or on the level of
     the best-quality pick, the cell nearest the centre (``"centred_in_level"``), instead of
@@ -195,9 +200,11 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     certain_target = iou[won].clamp(min=0.01) if certain_label == "iou" else 1.0
     out.soft_labels[pos] = torch.where(certain, certain_target, soft)
     soft_weights: Tensor | float = soft_weight
+    if soft_cap is not None:
+        soft_weights = torch.where(pos_prob >= soft_cap, soft_weight, below_cap_weight)
     if top_soft_weight is not None:
         max_prob = pos_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, pos_prob, "amax")
-        soft_weights = torch.where(pos_prob >= max_prob[pos_gt], top_soft_weight, soft_weight)
+        soft_weights = torch.where(pos_prob >= max_prob[pos_gt], top_soft_weight, soft_weights)
     out.weights[pos] = torch.where(certain, certain_weight, soft_weights)
     out.certain[pos] = certain
     return out
@@ -233,7 +240,8 @@ def assign_o2f(pred: DensePrediction, gt_boxes: Tensor, gt_labels: Tensor, cfg: 
                       radius=cfg.radius, soft_weight=soft_weight_at(t, cfg),
                       certain_weight=cfg.certain_weight, certain_label=cfg.certain_label,
                       top_soft_weight=cfg.soft_weight_top, certain_by=cfg.certain_by,
-                      certain_margin=cfg.certain_margin,
+                      certain_margin=cfg.certain_margin, soft_cap=cfg.soft_cap,
+                      below_cap_weight=cfg.soft_weight,
                       level_shapes=pred.level_shapes)
     if cfg.certain_box_weight != 1.0:
         out.box_weights = certain_box_weights(out, cfg.certain_box_weight)
