@@ -123,6 +123,11 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                             "soft anchors scoring >= 0.25",
                             ["model.recipe=strict-e2e", "model.certain_label=iou",
                              "model.t_end=0.1", "model.soft_cap=0.25"]),
+    "strict_k4": ("strict-e2e with 3 soft anchors per object instead of 6",
+                  ["model.recipe=strict-e2e", "model.o2f_topk=4"]),
+    "strict_ciou_t01_k4": ("strict-e2e, IoU label, t ending at 0.1, 3 soft anchors per object "
+                           "instead of 6", ["model.recipe=strict-e2e", "model.certain_label=iou",
+                                            "model.t_end=0.1", "model.o2f_topk=4"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
