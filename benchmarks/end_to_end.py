@@ -128,6 +128,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "strict_ciou_t01_k4": ("strict-e2e, IoU label, t ending at 0.1, 3 soft anchors per object "
                            "instead of 6", ["model.recipe=strict-e2e", "model.certain_label=iou",
                                             "model.t_end=0.1", "model.o2f_topk=4"]),
+    "vote": ("each cell's box a learnt mean of its 3x3 neighbours' (box voting in the network)",
+             ["model.box_vote=true"]),
+    "strict_vote": ("strict-e2e with box voting in the network",
+                    ["model.recipe=strict-e2e", "model.box_vote=true"]),
+    "strict_ciou_t01_vote": ("strict-e2e, IoU label, t ending at 0.1, box voting in the network",
+                             ["model.recipe=strict-e2e", "model.certain_label=iou",
+                              "model.t_end=0.1", "model.box_vote=true"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),

@@ -24,7 +24,7 @@ from o2f.config import RECIPES, ConfigError, config_from_dict, load_config
 from o2f.engine import soft_label_phase
 from o2f.losses import DENSE_LOSSES, certain_rank_loss, soft_focal_loss
 from o2f.model.detector import O2F, _dense_predictions
-from o2f.model.head import MaxFilter3D
+from o2f.model.head import BoxVote, MaxFilter3D
 
 
 def test_ceiling_by_iteration_falls_to_its_end_at_the_given_fraction_and_holds():
@@ -296,6 +296,54 @@ def test_exported_graph_with_the_max_filter_has_no_nms(tmp_path):
         expected = model(images)[0]
     got = OnnxDetector(path)(images)[0]
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
+
+
+def test_box_vote_moves_a_neighbours_box_to_the_cell_and_ignores_cells_off_the_map():
+    vote = BoxVote(8)
+    assert vote.logits.bias.softmax(0)[4].item() == pytest.approx(math.exp(4) / (math.exp(4) + 8))
+    ltrb = torch.rand(1, 4, 3, 4) * 10
+    feat = torch.rand(1, 8, 3, 4)
+    with torch.no_grad():
+        vote.logits.bias.zero_()
+        vote.logits.bias[5] = 50.0  # (dx, dy) = (1, 0): the right neighbour
+        out = vote(feat, ltrb, 8)
+    # cell (1, 1) takes cell (1, 2)'s box, seen from a point 8 px to its left
+    torch.testing.assert_close(out[0, :, 1, 1], ltrb[0, :, 1, 2] + torch.tensor([-8.0, 0, 8, 0]))
+    # on the right edge the three neighbours to the right are off the map: the 6 others
+    # share the weight equally
+    others = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0)]
+    expected = torch.stack([ltrb[0, :, 1 + dy, 3 + dx] + torch.tensor([-dx, -dy, dx, dy]) * 8.0
+                            for dy, dx in others]).mean(0)
+    torch.testing.assert_close(out[0, :, 1, 3], expected)
+
+
+def test_box_vote_is_an_option_of_the_head_and_exports_without_nms(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from o2f.export import OnnxDetector, export_onnx, onnx_ops
+
+    torch.manual_seed(0)
+    plain = O2F(load_config("digits", ["model.num_classes=2"]).model).eval()
+    torch.manual_seed(0)
+    voted = O2F(load_config("digits", ["model.num_classes=2", "model.box_vote=true"]).model)
+    voted.eval()
+    extra = set(voted.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("head.box_vote.") for k in extra)
+    voted.load_state_dict({**voted.state_dict(), **plain.state_dict()})
+    nn.init.normal_(voted.head.box_vote.logits.weight, std=0.5)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = plain.forward_dense(x), voted.forward_dense(x)
+    assert torch.equal(a.cls_logits, b.cls_logits) and torch.equal(a.obj_logits, b.obj_logits)
+    assert not torch.allclose(a.box_ltrb, b.box_ltrb)
+    path = export_onnx(voted, tmp_path / "vote.onnx", size=(128, 160), dynamic=True)
+    assert "NonMaxSuppression" not in onnx_ops(path)
+    images = [torch.rand(3, 130, 150)]
+    with torch.no_grad():
+        expected = voted(images)[0]
+    got = OnnxDetector(path)(images)[0]
+    np.testing.assert_allclose(got["boxes"], expected["boxes"].numpy(), atol=1e-2)
 
 
 def test_soft_push_through_objectness_only():

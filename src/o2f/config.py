@@ -55,6 +55,7 @@ class ModelConfig:
     t_end_at: float = 1.0  # iter schedule: fraction of training where t reaches t_end, held
     o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
+    box_vote: bool = False  # each cell's box a learnt mean of its 3x3 neighbours' (in the graph)
     # quality (release) | score | iou | leader | centred | centred_in_level
     certain_by: str = "quality"
     certain_margin: float = 0.05  # certain_by=leader: picks this near the best quality compete

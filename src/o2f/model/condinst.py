@@ -227,7 +227,7 @@ class CondInst(O2F):
                                  num_params=self.mask_head.num_params,
                                  channels=cfg.head_channels, num_convs=cfg.head_convs,
                                  obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
-                                 max_filter=cfg.max_filter)
+                                 max_filter=cfg.max_filter, box_vote=cfg.box_vote)
         self.mask_branch = MaskBranch(cfg.fpn_channels, cfg.mask_channels, cfg.mask_convs,
                                       cfg.mask_bases, min(cfg.mask_in_levels, cfg.num_levels))
         if self.strides[0] % MASK_STRIDE:

@@ -75,7 +75,7 @@ class O2F(nn.Module):
         self.head = O2FHead(cfg.fpn_channels, cfg.num_classes, self.strides,
                             channels=cfg.head_channels, num_convs=cfg.head_convs,
                             obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
-                            max_filter=cfg.max_filter,
+                            max_filter=cfg.max_filter, box_vote=cfg.box_vote,
                             one_to_many_branch=cfg.assign == "dual" or bool(cfg.aux_branch))
 
     # ------------------------------------------------------------------ pre-processing

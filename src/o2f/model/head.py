@@ -68,6 +68,51 @@ class MaxFilter3D(nn.Module):
         return out
 
 
+class BoxVote(nn.Module):
+    """Each cell's box as a learnt weighted mean of the boxes of its 3x3 neighbourhood on
+    its level (box voting inside the network: nothing is removed, and it is part of the
+    exported graph), so the cell that carries an object's one detection can take the box
+    of a neighbour that regresses the object better.
+
+    ``forward(reg_feat, ltrb, stride)``: the reg tower's map (B, C, H, W) gives 9 logits
+    per cell (a 3x3 conv), softmax over the neighbours inside the map; neighbour j at
+    (dx, dy) cells predicts distances (l_j, t_j, r_j, b_j) from its own point, which are
+    (l_j - dx s, t_j - dy s, r_j + dx s, b_j + dy s) from this cell's. Returns the weighted
+    mean (B, 4, H, W), in float32 (the distances reach the image size). Initialised to keep
+    most of the cell's own box (weight e^4 / (e^4 + 8) = 0.87).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.logits = nn.Conv2d(channels, 9, 3, padding=1)
+        nn.init.zeros_(self.logits.weight)
+        with torch.no_grad():
+            self.logits.bias.zero_()
+            self.logits.bias[4] = 4.0  # (dx, dy) = (0, 0): the cell itself
+
+    def forward(self, reg_feat: Tensor, ltrb: Tensor, stride: int) -> Tensor:
+        device = reg_feat.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                logits = self.logits(reg_feat.float())
+        else:
+            logits = self.logits(reg_feat).float()
+        height, width = ltrb.shape[-2:]
+        padded = F.pad(ltrb.float(), (1, 1, 1, 1))
+        inside = F.pad(ltrb.new_ones(1, 1, height, width, dtype=torch.float32), (1, 1, 1, 1))
+        boxes, valid = [], []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                window = (slice(None), slice(None), slice(1 + dy, 1 + dy + height),
+                          slice(1 + dx, 1 + dx + width))
+                shift = ltrb.new_tensor([-dx, -dy, dx, dy], dtype=torch.float32) * stride
+                boxes.append(padded[window] + shift.view(1, 4, 1, 1))
+                valid.append(inside[window])
+        logits = logits.masked_fill(torch.cat(valid, 1) == 0, float("-inf"))
+        weights = logits.softmax(1)  # (B, 9, H, W)
+        return (torch.stack(boxes, 1) * weights.unsqueeze(2)).sum(1)
+
+
 class O2FHead(nn.Module):
     """Shared head over P3-P7.
 
@@ -78,7 +123,8 @@ class O2FHead(nn.Module):
       - objectness branch on the reg tower output (``obj_convs`` x conv-GN-ReLU at
         ``obj_channels``) -> 3x3 conv to 1 logit. It has no loss of its own in o2f/o2o.
         With ``max_filter`` the reg tower outputs pass through :class:`MaxFilter3D` (across
-        levels) before this branch, as DeFCN's filter branch does.
+        levels) before this branch, as DeFCN's filter branch does. With ``box_vote`` each
+        cell's distances are a learnt mean over its 3x3 neighbours' (:class:`BoxVote`).
 
     With ``one_to_many_branch`` (``model.assign=dual`` or ``model.aux_branch``) the head
     holds a second head of the same shape, ``one_to_many``, trained beside it with
@@ -93,7 +139,8 @@ class O2FHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, strides: list[int], *,
                  channels: int = 256, num_convs: int = 4, obj_channels: int = 64,
                  obj_convs: int = 3, prior_prob: float = 0.01,
-                 max_filter: bool = False, one_to_many_branch: bool = False) -> None:
+                 max_filter: bool = False, one_to_many_branch: bool = False,
+                 box_vote: bool = False) -> None:
         super().__init__()
         self.num_classes, self.strides = num_classes, list(strides)
         self.cls_tower = _tower(in_channels, channels, num_convs)
@@ -109,6 +156,7 @@ class O2FHead(nn.Module):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.box_vote = BoxVote(channels) if box_vote else None  # its own initialisation
         self.one_to_many = O2FHead(in_channels, num_classes, strides, channels=channels,
                                    num_convs=num_convs, obj_channels=obj_channels,
                                    obj_convs=obj_convs, prior_prob=prior_prob,
@@ -140,7 +188,10 @@ class O2FHead(nn.Module):
         for feat, reg_feat, obj_feat, scale, stride in zip(
                 feats, reg_feats, obj_feats, self.scales, self.strides, strict=True):
             cls_all.append(self.cls_out(self.cls_tower(feat)).float().flatten(2))
-            box_all.append(self.box_distances(reg_feat, scale, stride).flatten(2))
+            ltrb = self.box_distances(reg_feat, scale, stride)
+            if self.box_vote is not None:
+                ltrb = self.box_vote(reg_feat, ltrb, stride)
+            box_all.append(ltrb.flatten(2))
             obj_all.append(self.obj_out(self.obj_tower(obj_feat)).float().flatten(2))
         cls_logits = torch.cat(cls_all, 2).transpose(1, 2)
         box_ltrb = torch.cat(box_all, 2).transpose(1, 2)
