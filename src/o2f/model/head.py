@@ -22,6 +22,16 @@ def _tower(c_in: int, c_out: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _conv_in_float32(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` as float32: computed in float32 under low-precision autocast (for the
+    convs whose outputs are, or weigh, distances in pixels), else in ``x``'s dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return conv(x.float())
+    return conv(x).float()
+
+
 class Scale(nn.Module):
     """A learnable scalar (one per FPN level), initialised to 1."""
 
@@ -82,6 +92,8 @@ class BoxVote(nn.Module):
     most of the cell's own box (weight e^4 / (e^4 + 8) = 0.87).
     """
 
+    NEIGHBOURS = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.logits = nn.Conv2d(channels, 9, 3, padding=1)
@@ -89,28 +101,21 @@ class BoxVote(nn.Module):
         with torch.no_grad():
             self.logits.bias.zero_()
             self.logits.bias[4] = 4.0  # (dx, dy) = (0, 0): the cell itself
+        # neighbour j's distances seen from this cell, per pixel of stride
+        shifts = torch.tensor([[-dx, -dy, dx, dy] for dx, dy in self.NEIGHBOURS],
+                              dtype=torch.float32)
+        self.register_buffer("shifts", shifts.view(1, 9, 4, 1, 1), persistent=False)
 
     def forward(self, reg_feat: Tensor, ltrb: Tensor, stride: int) -> Tensor:
-        device = reg_feat.device.type
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                logits = self.logits(reg_feat.float())
-        else:
-            logits = self.logits(reg_feat).float()
         height, width = ltrb.shape[-2:]
         padded = F.pad(ltrb.float(), (1, 1, 1, 1))
         inside = F.pad(ltrb.new_ones(1, 1, height, width, dtype=torch.float32), (1, 1, 1, 1))
-        boxes, valid = [], []
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                window = (slice(None), slice(None), slice(1 + dy, 1 + dy + height),
-                          slice(1 + dx, 1 + dx + width))
-                shift = ltrb.new_tensor([-dx, -dy, dx, dy], dtype=torch.float32) * stride
-                boxes.append(padded[window] + shift.view(1, 4, 1, 1))
-                valid.append(inside[window])
-        logits = logits.masked_fill(torch.cat(valid, 1) == 0, float("-inf"))
-        weights = logits.softmax(1)  # (B, 9, H, W)
-        return (torch.stack(boxes, 1) * weights.unsqueeze(2)).sum(1)
+        windows = [(..., slice(1 + dy, 1 + dy + height), slice(1 + dx, 1 + dx + width))
+                   for dx, dy in self.NEIGHBOURS]
+        boxes = torch.stack([padded[w] for w in windows], 1) + self.shifts * stride
+        valid = torch.cat([inside[w] for w in windows], 1)
+        logits = _conv_in_float32(self.logits, reg_feat).masked_fill(valid == 0, float("-inf"))
+        return (boxes * logits.softmax(1).unsqueeze(2)).sum(1)  # (B, 4, H, W)
 
 
 class O2FHead(nn.Module):
@@ -170,11 +175,7 @@ class O2FHead(nn.Module):
         under low-precision autocast: the distances reach the image size, where bfloat16's
         8-bit mantissa would cost up to a few pixels, so the last conv, the scale and the
         stride stay in float32 (a 4-channel conv: a negligible share of the work)."""
-        device = reg_feat.device.type
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return torch.relu(scale(self.reg_out(reg_feat.float()))) * stride
-        return torch.relu(scale(self.reg_out(reg_feat).float())) * stride
+        return torch.relu(scale(_conv_in_float32(self.reg_out, reg_feat))) * stride
 
     def forward_features(self, feats: list[Tensor]
                          ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
