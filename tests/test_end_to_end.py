@@ -619,7 +619,8 @@ def test_aux_branch_trains_a_second_branch_and_leaves_the_features_to_it():
     assert {"loss_cls", "loss_box", "loss_cls_aux", "loss_box_aux"} <= set(losses)
     a.aux = None  # the inference branch's losses alone reach neither backbone nor neck
     sum(model.detection_losses(out, [target], [a]).values()).backward()
-    assert all(p.grad is None or not p.grad.any() for p in model.backbone.parameters())
+    features = [*model.backbone.parameters(), *model.neck.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in features)
     assert model.head.cls_out.weight.grad.abs().sum() > 0
     model.eval()
     assert model.forward_dense(batch).one_to_many is None
