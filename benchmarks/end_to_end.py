@@ -135,6 +135,13 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "strict_ciou_t01_vote": ("strict-e2e, IoU label, t ending at 0.1, box voting in the network",
                              ["model.recipe=strict-e2e", "model.certain_label=iou",
                               "model.t_end=0.1", "model.box_vote=true"]),
+    "big_head": ("the release's recipe with a head of 4 convs at 128 channels (2 at 64)",
+                 ["model.head_convs=4", "model.head_channels=128"]),
+    "strict_ciou_t01_big_head": ("strict-e2e, IoU label, t ending at 0.1, a head of 4 convs "
+                                 "at 128 channels", ["model.recipe=strict-e2e",
+                                                     "model.certain_label=iou",
+                                                     "model.t_end=0.1", "model.head_convs=4",
+                                                     "model.head_channels=128"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
