@@ -46,3 +46,20 @@ def test_peak_and_best_iou_per_object():
     scores = torch.tensor([[0.0, 0.2], [0.0, 0.9], [0.0, 0.95], [0.99, 0.1]])
     got = ablation.peak_and_best_iou(scores, boxes, gt, torch.tensor([1, 1]))
     assert got == [pytest.approx((0.64, 1.0))]
+
+
+def test_every_lever_of_the_end_to_end_benchmark_builds_a_model():
+    # A lever whose keys no longer exist (or that no longer build) would fail only after a
+    # run was launched; every one is checked here, model included.
+    from o2f.config import load_config
+    from o2f.model.detector import create_model
+
+    spec = importlib.util.spec_from_file_location(
+        "end_to_end_bench", Path(__file__).parents[1] / "benchmarks" / "end_to_end.py")
+    end_to_end = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(end_to_end)
+    assert len(end_to_end.LEVERS) > 40
+    for name, (label, overrides) in end_to_end.LEVERS.items():
+        cfg = load_config("digits", ["model.num_classes=1", *overrides])
+        create_model(cfg.model)
+        assert label, name
