@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 # name -> (what it changes, overrides); "release" is the recipe of the authors' code.
+# strict-e2e with the certain positive labelled by its IoU and t ending at 0.1, the base of
+# the levers named strict_ciou_t01*
+STRICT_IOU_T01 = ["model.recipe=strict-e2e", "model.certain_label=iou", "model.t_end=0.1"]
+
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "release": ("release recipe (t 0.6 -> 0.2 by epoch)", []),
     "tend0": ("t ends at 0 instead of 0.2", ["model.t_end=0.0"]),
@@ -87,8 +91,7 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "strict_ciou": ("strict-e2e with the certain positive labelled by its IoU",
                     ["model.recipe=strict-e2e", "model.certain_label=iou"]),
     "strict_ciou_t01": ("strict-e2e, the certain positive labelled by its IoU, t ending at 0.1",
-                        ["model.recipe=strict-e2e", "model.certain_label=iou",
-                         "model.t_end=0.1"]),
+                        [*STRICT_IOU_T01]),
     "strict_ciou_t02": ("strict-e2e, the certain positive labelled by its IoU, t ending at 0.2",
                         ["model.recipe=strict-e2e", "model.certain_label=iou",
                          "model.t_end=0.2"]),
@@ -96,51 +99,40 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                    "0.4)", ["model.recipe=strict-e2e", "model.soft_weight_top=0.4"]),
     "strict_ciou_t01_top": ("strict-e2e, IoU label, t ending at 0.1, a soft anchor outscoring "
                             "its certain positive spared (weight 0.4)",
-                            ["model.recipe=strict-e2e", "model.certain_label=iou",
-                             "model.t_end=0.1", "model.soft_weight_top=0.4"]),
+                            [*STRICT_IOU_T01, "model.soft_weight_top=0.4"]),
     "strict_leader": ("strict-e2e, certain positive: the best-scored pick within 0.05 of "
                       "the best quality", ["model.recipe=strict-e2e", "model.certain_by=leader"]),
     "strict_ciou_t01_leader": ("strict-e2e, IoU label, t ending at 0.1, certain positive: the "
                                "best-scored pick within 0.05 of the best quality",
-                               ["model.recipe=strict-e2e", "model.certain_label=iou",
-                                "model.t_end=0.1", "model.certain_by=leader"]),
+                               [*STRICT_IOU_T01, "model.certain_by=leader"]),
     "strict_mf": ("strict-e2e with DeFCN's 3D max filter", ["model.recipe=strict-e2e",
                                                             "model.max_filter=true"]),
     "strict_ciou_t01_mf": ("strict-e2e, IoU label, t ending at 0.1, DeFCN's 3D max filter",
-                           ["model.recipe=strict-e2e", "model.certain_label=iou",
-                            "model.t_end=0.1", "model.max_filter=true"]),
+                           [*STRICT_IOU_T01, "model.max_filter=true"]),
     "strict_aux": ("strict-e2e, a training-only branch on the release's recipe (features "
                    "from it alone)", ["model.recipe=strict-e2e", "model.aux_branch=release"]),
     "strict_ciou_t01_aux": ("strict-e2e, IoU label, t ending at 0.1, a training-only branch on "
-                            "the release's recipe", ["model.recipe=strict-e2e",
-                                                     "model.certain_label=iou",
-                                                     "model.t_end=0.1",
-                                                     "model.aux_branch=release"]),
+                            "the release's recipe", [*STRICT_IOU_T01, "model.aux_branch=release"]),
     "strict_cap_t02": ("strict-e2e, t ending at 0.2, the heavy weight only on soft anchors "
                        "scoring >= 0.25", ["model.recipe=strict-e2e", "model.t_end=0.2",
                                            "model.soft_cap=0.25"]),
     "strict_ciou_cap_t01": ("strict-e2e, IoU label, t ending at 0.1, the heavy weight only on "
                             "soft anchors scoring >= 0.25",
-                            ["model.recipe=strict-e2e", "model.certain_label=iou",
-                             "model.t_end=0.1", "model.soft_cap=0.25"]),
+                            [*STRICT_IOU_T01, "model.soft_cap=0.25"]),
     "strict_k4": ("strict-e2e with 3 soft anchors per object instead of 6",
                   ["model.recipe=strict-e2e", "model.o2f_topk=4"]),
     "strict_ciou_t01_k4": ("strict-e2e, IoU label, t ending at 0.1, 3 soft anchors per object "
-                           "instead of 6", ["model.recipe=strict-e2e", "model.certain_label=iou",
-                                            "model.t_end=0.1", "model.o2f_topk=4"]),
+                           "instead of 6", [*STRICT_IOU_T01, "model.o2f_topk=4"]),
     "vote": ("each cell's box a learnt mean of its 3x3 neighbours' (box voting in the network)",
              ["model.box_vote=true"]),
     "strict_vote": ("strict-e2e with box voting in the network",
                     ["model.recipe=strict-e2e", "model.box_vote=true"]),
     "strict_ciou_t01_vote": ("strict-e2e, IoU label, t ending at 0.1, box voting in the network",
-                             ["model.recipe=strict-e2e", "model.certain_label=iou",
-                              "model.t_end=0.1", "model.box_vote=true"]),
+                             [*STRICT_IOU_T01, "model.box_vote=true"]),
     "big_head": ("the release's recipe with a head of 4 convs at 128 channels (2 at 64)",
                  ["model.head_convs=4", "model.head_channels=128"]),
     "strict_ciou_t01_big_head": ("strict-e2e, IoU label, t ending at 0.1, a head of 4 convs "
-                                 "at 128 channels", ["model.recipe=strict-e2e",
-                                                     "model.certain_label=iou",
-                                                     "model.t_end=0.1", "model.head_convs=4",
+                                 "at 128 channels", [*STRICT_IOU_T01, "model.head_convs=4",
                                                      "model.head_channels=128"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),

@@ -169,6 +169,15 @@ def _two_cells(probs: list[float], box_bottoms: list[float]) -> tuple:
             torch.tensor([[p] for p in probs]), boxes, gt, torch.tensor([0]))
 
 
+def _two_cell_prediction(probs: list[float], box_bottoms: list[float]) -> tuple:
+    """(the DensePrediction fields assign_o2f reads, gt boxes, gt labels) of
+    :func:`_two_cells`, without a second head branch."""
+    points, strides, scores, boxes, gt, labels = _two_cells(probs, box_bottoms)
+    pred = SimpleNamespace(points=points, strides=strides, scores=scores, boxes=boxes,
+                           level_shapes=None, one_to_many=None)
+    return pred, gt, labels
+
+
 def test_certain_positive_by_score():
     # One gt (0, 0, 64, 64), two cells. A: prob 0.9, predicted box (0, 0, 64, 38.4), IoU 0.6,
     # quality 0.9^0.2 * 0.6^0.8 = 0.651. B: prob 0.7, box (0, 0, 64, 57.6), IoU 0.9,
@@ -224,9 +233,7 @@ def test_certain_positive_leader_is_the_best_scored_of_the_near_best_boxes():
 
 
 def test_certain_by_leader_and_its_margin_reach_the_assignment_from_the_config():
-    points, strides, probs, boxes, gt, labels = _two_cells([0.5, 0.55], [57.6, 55.04])
-    pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
-                           level_shapes=None)
+    pred, gt, labels = _two_cell_prediction([0.5, 0.55], [57.6, 55.04])
     cfg = load_config("digits", ["model.num_classes=1", "model.certain_by=leader"]).model
     assert assign_o2f(pred, gt, labels, cfg, t=0.3).weights.tolist() == pytest.approx([0.4, 1.0])
     cfg = load_config("digits", ["model.num_classes=1", "model.certain_by=leader",
@@ -573,9 +580,7 @@ def test_soft_cap_weighs_only_the_soft_anchors_at_or_above_it():
     assert capped.soft_labels.tolist() == pytest.approx([1.0, 0.1])  # labels unchanged
     # Through the config: strict-e2e at three quarters of t's fall weighs soft anchors 1.7;
     # under the cap they keep model.soft_weight.
-    points, strides, probs, boxes, gt, labels = args
-    pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
-                           level_shapes=None, one_to_many=None)
+    pred, gt, labels = _two_cell_prediction([0.5, 0.55], [57.6, 55.04])
     for cap, weight in ((0.3, 1.7), (0.6, 0.4)):
         cfg = load_config("digits", ["model.num_classes=1", "model.recipe=strict-e2e",
                                      f"model.soft_cap={cap}"]).model
@@ -590,9 +595,7 @@ def test_aux_branch_assigns_the_release_recipe_at_the_same_point_of_training():
     # fall (0.6 -> 0.2) is 0.3, and its soft anchors weigh 0.4.
     cfg = load_config("digits", ["model.num_classes=1", "model.recipe=strict-e2e",
                                  "model.certain_label=iou", "model.aux_branch=release"]).model
-    points, strides, probs, boxes, gt, labels = _two_cells([0.5, 0.55], [57.6, 55.04])
-    pred = SimpleNamespace(points=points, strides=strides, scores=probs, boxes=boxes,
-                           level_shapes=None, one_to_many=None)
+    pred, gt, labels = _two_cell_prediction([0.5, 0.55], [57.6, 55.04])
     assert soft_weight_at(0.15, cfg) == pytest.approx(1.7)
     aux = release_assignment(pred, gt, labels, cfg, t=0.15)
     assert aux.weights.tolist() == pytest.approx([1.0, 0.4])

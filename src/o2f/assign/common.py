@@ -187,6 +187,10 @@ def _first_in_group(sorted_group: Tensor) -> Tensor:
     return first
 
 
+def _group_max(group: Tensor, value: Tensor, num_groups: int) -> Tensor:
+    """(num_groups,) the largest non-negative ``value`` of each group (0 for an empty one).
+    group and value (P,)."""
+    return value.new_zeros(num_groups).scatter_reduce(0, group, value, "amax")
 
 
 def _top_per_group(group: Tensor, value: Tensor, k: int) -> Tensor:

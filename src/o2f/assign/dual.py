@@ -28,6 +28,7 @@ from o2f.assign.common import (
     DensePrediction,
     _background,
     _first_in_group,
+    _group_max,
     _sort_groups,
     _targets,
     _top_per_group,
@@ -63,8 +64,8 @@ def task_aligned(points: Tensor, scores: Tensor, pred_boxes: Tensor, gt_boxes: T
     won = picked[_first_in_group(point_idx[picked])]
     pos, pos_gt = point_idx[won], gt_idx[won]
 
-    best_iou = iou.new_zeros(num_gts).scatter_reduce(0, pos_gt, iou[won], "amax")
-    best_metric = metric.new_zeros(num_gts).scatter_reduce(0, pos_gt, metric[won], "amax")
+    best_iou = _group_max(pos_gt, iou[won], num_gts)
+    best_metric = _group_max(pos_gt, metric[won], num_gts)
     target = metric[won] * best_iou[pos_gt] / best_metric[pos_gt].clamp(min=1e-9)
     _targets(out, points, pos, pos_gt, gt_boxes, gt_labels)
     out.soft_labels[pos] = target

@@ -11,6 +11,7 @@ from o2f.assign.common import (
     DensePrediction,
     _background,
     _first_in_group,
+    _group_max,
     _sort_groups,
     candidate_pairs,
     centerness,
@@ -177,7 +178,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     elif certain_by == "leader":  # the best-scored of the picks near the best quality
         if certain_margin < 0:
             raise ValueError(f"model.certain_margin must be >= 0, got {certain_margin}")
-        best = key.new_zeros(num_gts).scatter_reduce(0, gt_idx[won], key, "amax")
+        best = _group_max(gt_idx[won], key, num_gts)
         near_best = key >= best[gt_idx[won]] - certain_margin
         key = near_best.to(key.dtype) * 2 + prob[won]
     elif certain_by != "quality":
@@ -187,7 +188,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     pos, pos_gt, pos_prob = point_idx[won], gt_idx[won], prob[won]
     certain = _first_in_group(pos_gt)
     soft_prob = torch.where(certain, 0.0, pos_prob)
-    max_soft_prob = soft_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, soft_prob, "amax")
+    max_soft_prob = _group_max(pos_gt, soft_prob, num_gts)
     soft = pos_prob / max_soft_prob[pos_gt].clamp(min=torch.finfo(pos_prob.dtype).tiny) * t
 
     # 7. Class and (l, t, r, b) regression target of every positive.
@@ -203,7 +204,7 @@ def one_to_few(points: Tensor, strides: Tensor, cls_prob: Tensor, pred_boxes: Te
     if soft_cap is not None:
         soft_weights = torch.where(pos_prob >= soft_cap, soft_weight, below_cap_weight)
     if top_soft_weight is not None:
-        max_prob = pos_prob.new_zeros(num_gts).scatter_reduce(0, pos_gt, pos_prob, "amax")
+        max_prob = _group_max(pos_gt, pos_prob, num_gts)
         soft_weights = torch.where(pos_prob >= max_prob[pos_gt], top_soft_weight, soft_weights)
     out.weights[pos] = torch.where(certain, certain_weight, soft_weights)
     out.certain[pos] = certain
