@@ -56,6 +56,10 @@ class ModelConfig:
     o2o_from: float = 1.0  # fraction of training from which soft anchors are negatives (k=1)
     max_filter: bool = False  # DeFCN's 3D max filter on the objectness branch (in the graph)
     box_vote: bool = False  # each cell's box a learnt mean of its 3x3 neighbours' (in the graph)
+    # the top-k rescored by a learnt relation network over overlapping detections (in the
+    # graph; o2f.model.rescore), trained beside the detector with this loss weight
+    rescore: bool = False
+    rescore_weight: float = 1.0
     # quality (release) | score | iou | leader | centred | centred_in_level
     certain_by: str = "quality"
     certain_margin: float = 0.05  # certain_by=leader: picks this near the best quality compete

@@ -21,6 +21,7 @@ from o2f.data.transforms import PIXEL_MEAN, PIXEL_STD
 from o2f.losses import DENSE_LOSSES, centerness, weighted_giou_loss
 from o2f.model.backbone import FPN, build_backbone
 from o2f.model.head import O2FHead, decode, make_points
+from o2f.model.rescore import Rescorer, rescore_loss, rescore_targets
 
 
 @dataclass
@@ -77,6 +78,7 @@ class O2F(nn.Module):
                             obj_channels=cfg.obj_channels, obj_convs=cfg.obj_convs,
                             max_filter=cfg.max_filter, box_vote=cfg.box_vote,
                             one_to_many_branch=cfg.assign == "dual" or bool(cfg.aux_branch))
+        self.rescorer = Rescorer(cfg.num_classes) if cfg.rescore else None
 
     # ------------------------------------------------------------------ pre-processing
     def preprocess(self, images: list[Tensor], targets: list[dict] | None = None
@@ -143,8 +145,11 @@ class O2F(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            return self.losses(out, targets, self.cfg.t_end if t is None else t,
-                               soft_anchors=soft_anchors)
+            losses = self.losses(out, targets, self.cfg.t_end if t is None else t,
+                                 soft_anchors=soft_anchors)
+            if self.rescorer is not None:
+                losses["loss_rescore"] = self.rescore_loss(out, targets, image_sizes)
+            return losses
         return self.inference(out, image_sizes, factor, input_sizes)
 
     def inference(self, out: HeadOutputs, image_sizes: list[tuple[int, int]],
@@ -223,6 +228,20 @@ class O2F(nn.Module):
             losses["loss_box"] = losses["loss_box"] + ltrb.sum() * 0.0
         return losses
 
+    def rescore_loss(self, out: HeadOutputs, targets: list[dict],
+                     image_sizes: list[tuple[int, int]]) -> Tensor:
+        """``model.rescore``: the rescorer's loss (x ``rescore_weight``) on the detector's
+        own top-k, detached (:func:`o2f.model.rescore.rescore_targets`); targets' boxes in
+        the batch's pixels. The dense head gets no gradient from it."""
+        with torch.no_grad():
+            boxes, scores, labels = self._candidates(out, image_sizes)[:3]
+            goal = torch.stack([
+                rescore_targets(b, s, lab, tgt["boxes"].to(b).reshape(-1, 4),
+                                tgt["labels"].to(lab.device, torch.int64).reshape(-1))
+                for b, s, lab, tgt in zip(boxes, scores, labels, targets, strict=True)])
+        logits = self.rescorer(boxes, scores, labels)
+        return self.cfg.rescore_weight * rescore_loss(logits, goal)
+
     def _valid_points(self, points: Tensor, targets: list[dict],
                       assignments: list[Assignment]) -> Tensor | None:
         """With ``ignore_mode='exclude'``: points inside an ignore box (and not positive)
@@ -246,12 +265,36 @@ class O2F(nn.Module):
 
         Per level the ``pre_topk`` best (point, class) pairs by p = sigmoid(cls) *
         sigmoid(obj); their boxes decoded and clipped to the unpadded image; over all levels
-        the ``topk`` best. Returns boxes (B, K, 4) in the batch's pixels, scores (B, K),
-        labels (B, K); entries with score <= ``score_thresh`` are padding for the caller to
-        drop. With ``cfg.use_nms`` a class-wise NMS runs before the final top-k. With
-        ``return_index`` also the point (B, K) int64 of each detection, an index into the N
-        points (what the instance model reads its mask parameters from).
+        the ``topk`` best. With ``model.rescore`` those ``topk`` are rescored by the
+        rescorer (:mod:`o2f.model.rescore`) and ordered again. Returns boxes (B, K, 4) in the
+        batch's pixels, scores (B, K), labels (B, K); entries with score <= ``score_thresh``
+        are padding for the caller to drop. With ``cfg.use_nms`` a class-wise NMS runs
+        before the final top-k. With ``return_index`` also the point (B, K) int64 of each
+        detection, an index into the N points (what the instance model reads its mask
+        parameters from).
         """
+        if self.rescorer is not None:
+            boxes, scores, labels, points = self._candidates(out, image_sizes)
+            scores = torch.sigmoid(self.rescorer(boxes, scores, labels))
+        else:
+            boxes, scores, labels, points = self._level_candidates(out, image_sizes)
+        if self.cfg.use_nms:
+            result = self._nms(boxes, scores, labels, points)
+        else:
+            result = _top(self.cfg.topk, boxes, scores, labels, points)
+        return result if return_index else result[:3]
+
+    def _candidates(self, out: HeadOutputs, image_sizes: list[tuple[int, int]] | Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The detector's own ``topk`` (boxes, scores, labels, points), by descending
+        score: what the rescorer reads."""
+        return _top(self.cfg.topk, *self._level_candidates(out, image_sizes))
+
+    def _level_candidates(self, out: HeadOutputs, image_sizes: list[tuple[int, int]] | Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per level the ``pre_topk`` best (point, class) pairs, concatenated: boxes
+        (B, M, 4) clipped to the unpadded images, scores (B, M), labels (B, M), points
+        (B, M)."""
         cfg = self.cfg
         num_images, _, num_classes = out.cls_logits.shape
         sizes = torch.as_tensor(image_sizes, device=out.cls_logits.device, dtype=torch.float32)
@@ -281,17 +324,8 @@ class O2F(nn.Module):
             all_labels.append(index % num_classes)
             all_points.append(point)
             start += n
-        scores, boxes, labels, points = (torch.cat(all_scores, 1), torch.cat(all_boxes, 1),
-                                         torch.cat(all_labels, 1), torch.cat(all_points, 1))
-        if cfg.use_nms:
-            result = self._nms(boxes, scores, labels, points)
-            return result if return_index else result[:3]
-        k = torch.sym_min(cfg.topk, scores.shape[1])
-        scores, order = scores.topk(k, dim=1)
-        boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-        if return_index:
-            return boxes, scores, labels.gather(1, order), points.gather(1, order)
-        return boxes, scores, labels.gather(1, order)
+        return (torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1),
+                torch.cat(all_points, 1))
 
     def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor, points: Tensor
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -307,6 +341,15 @@ class O2F(nn.Module):
             out_b[i, : keep.numel()], out_s[i, : keep.numel()] = b[keep], s[keep]
             out_l[i, : keep.numel()], out_p[i, : keep.numel()] = lab[keep], p[keep]
         return out_b, out_s, out_l, out_p
+
+
+def _top(k: int, boxes: Tensor, scores: Tensor, labels: Tensor, points: Tensor
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``k`` best-scored (fewer if there are fewer) of (B, M) detections, in
+    descending order of score."""
+    scores, order = scores.topk(torch.sym_min(k, scores.shape[1]), dim=1)
+    return (boxes.gather(1, order[..., None].expand(-1, -1, 4)), scores,
+            labels.gather(1, order), points.gather(1, order))
 
 
 def _dense_predictions(out: HeadOutputs) -> list[DensePrediction]:

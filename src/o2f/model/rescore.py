@@ -1,0 +1,141 @@
+"""Duplicate removal learnt at the end of the network, with no NMS: the top-k detections
+rescored by a small relation network over their pairwise geometry and scores
+(``model.rescore``; docs/algorithm.md section 4, docs/ablation.md "End to end in fact").
+
+A dense detector repeats an object on a neighbouring cell; NMS removes the repeat by a
+fixed rule (same class, IoU above a threshold, lower score). Here each detection reads,
+from every detection overlapping it, what a learnt function of the pair makes of it (their
+IoU, the share of each covered by the other, relative offset and size, score gap, same
+class or not), takes the maximum over them, and corrects its own score: the role of the
+duplicate-removal module of Relation Networks (Hu et al., CVPR 2018) and of GossipNet
+(Hosang et al., CVPR 2017), and of self-attention in DETR's decoder. Being learnt, it can
+keep two overlapping detections of two objects in a crowd, where NMS drops one.
+
+It is trained beside the detector on the detector's own detached top-k: a detection's
+target is its IoU with its ground truth when it is the best-scored detection of that ground
+truth (what the COCO evaluator would count as a true positive), otherwise 0. The dense head
+keeps its own assignment and losses unchanged. Everything is a tensor op of fixed shape:
+it is part of the exported graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+PAIR_FEATURES = 9
+
+
+def _logit(scores: Tensor) -> Tensor:
+    return torch.logit(scores.float().clamp(1e-6, 1 - 1e-6))
+
+
+def pair_features(boxes: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """What detection i reads of detection j, for every pair of a batch's detections.
+
+    boxes (B, K, 4) x1y1x2y2 pixels, logits (B, K) score logits, labels (B, K). Returns
+    features (B, K, K, 9), row i column j: IoU, intersection over i's area, over j's area,
+    j's centre offset in i's width and height (clamped to +-4), log of j's width and height
+    over i's (clamped to +-4), j's logit minus i's (clamped to +-10), same label (1/0); and
+    overlap (B, K, K) bool: the pairs i != j whose boxes intersect (the others are not read).
+    """
+    boxes = boxes.float()
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=1e-3)  # (B, K, 2)
+    centre = (boxes[..., 2:] + boxes[..., :2]) / 2
+    area = wh.prod(-1)
+    top_left = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    bottom_right = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)  # (B, K, K)
+    union = area[:, :, None] + area[:, None, :] - inter
+    offset = (centre[:, None, :, :] - centre[:, :, None, :]) / wh[:, :, None, :]
+    size = torch.log(wh[:, None, :, :] / wh[:, :, None, :])
+    gap = logits[:, None, :] - logits[:, :, None]
+    same = (labels[:, :, None] == labels[:, None, :]).float()
+    features = torch.stack([
+        inter / union, inter / area[:, :, None], inter / area[:, None, :],
+        offset[..., 0].clamp(-4, 4), offset[..., 1].clamp(-4, 4),
+        size[..., 0].clamp(-4, 4), size[..., 1].clamp(-4, 4),
+        gap.clamp(-10, 10), same], -1)
+    num = boxes.shape[1]
+    not_self = ~torch.eye(num, dtype=torch.bool, device=boxes.device)
+    return features, (inter > 0) & not_self
+
+
+class RelationBlock(nn.Module):
+    """One round of reading the neighbours: per pair (i, j) an MLP of their features and
+    j's state; per detection i the maximum over the j overlapping it (0 without any),
+    then a residual update of i's state. ``forward(state (B, K, D), features (B, K, K, F),
+    overlap (B, K, K))`` -> (B, K, D)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.pair = nn.Sequential(nn.Linear(PAIR_FEATURES + dim, dim), nn.ReLU(),
+                                  nn.Linear(dim, dim), nn.ReLU())
+        self.update = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, state: Tensor, features: Tensor, overlap: Tensor) -> Tensor:
+        num = state.shape[1]
+        neighbour = state[:, None, :, :].expand(-1, num, -1, -1)
+        messages = self.pair(torch.cat([features, neighbour], -1))  # >= 0 (ReLU)
+        read = (messages * overlap[..., None]).amax(2)
+        return state + self.update(torch.cat([state, read], -1))
+
+
+class Rescorer(nn.Module):
+    """The rescoring network: ``forward(boxes (B, K, 4), scores (B, K), labels (B, K))``
+    returns new score logits (B, K). Each detection's state starts from its score logit,
+    its rank among the K and its class; ``blocks`` rounds of :class:`RelationBlock`; the
+    output is the input logit plus a learnt correction, initialised to zero (at the start
+    of training the scores are the detector's). Runs in float32 under autocast (a few
+    small matrices; the score gaps it reads need the precision)."""
+
+    def __init__(self, num_classes: int, dim: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(2, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.classes = nn.Embedding(num_classes, dim)
+        self.blocks = nn.ModuleList(RelationBlock(dim) for _ in range(blocks))
+        self.correction = nn.Linear(dim, 1)
+        nn.init.zeros_(self.correction.weight)
+        nn.init.zeros_(self.correction.bias)
+
+    def forward(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        device = boxes.device.type
+        with torch.autocast(device, enabled=False):
+            logits = _logit(scores)
+            num = logits.shape[1]
+            rank = torch.arange(num, device=boxes.device, dtype=torch.float32) / num
+            own = torch.stack([logits.clamp(-10, 10) / 5, rank.expand_as(logits)], -1)
+            state = self.embed(own) + self.classes(labels)
+            features, overlap = pair_features(boxes, logits, labels)
+            for block in self.blocks:
+                state = block(state, features, overlap)
+            return logits + self.correction(state).squeeze(-1)
+
+
+def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
+                    gt_labels: Tensor, *, iou: float = 0.5) -> Tensor:
+    """The rescorer's targets for one image's detections (K, ordered by descending score,
+    as :meth:`O2F.postprocess` returns them): each detection goes to the ground truth of its
+    class it overlaps most; a ground truth's first detection (the best-scored) with IoU >=
+    ``iou`` gets that IoU as its target, every other detection 0. (K,) float32."""
+    target = boxes.new_zeros(boxes.shape[0], dtype=torch.float32)
+    if gt_boxes.numel() == 0 or boxes.numel() == 0:
+        return target
+    to_gt = box_iou(boxes.float(), gt_boxes.float().reshape(-1, 4))
+    to_gt = to_gt * (labels[:, None] == gt_labels[None, :])
+    best, gt = to_gt.max(1)
+    order = torch.arange(boxes.shape[0], device=boxes.device)
+    candidate = torch.where(best >= iou, order, boxes.shape[0])
+    first = candidate.new_full((gt_boxes.shape[0],), boxes.shape[0]).scatter_reduce(
+        0, gt, candidate, "amin")
+    chosen = (best >= iou) & (first[gt] == order)
+    return torch.where(chosen, best, target)
+
+
+def rescore_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of the rescored logits (B, K) against :func:`rescore_targets`
+    (B, K), summed and divided by the number of detections with a target (at least 1)."""
+    total = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum")
+    return total / (targets > 0).sum().clamp(min=1)

@@ -1,0 +1,187 @@
+"""The learnt rescoring of the top-k (``model.rescore``, o2f.model.rescore): its pair
+features and targets on hand values, what it reads, that it learns to remove repeats NMS
+would remove while keeping overlapping objects, its place in the detector and the graph."""
+
+import math
+
+import pytest
+import torch
+from test_model import synthetic_image, tiny_config
+from torch import nn
+
+from o2f.config import load_config
+from o2f.model.detector import O2F
+from o2f.model.rescore import Rescorer, pair_features, rescore_loss, rescore_targets
+
+
+def test_pair_features_on_two_half_overlapping_boxes_and_a_far_one():
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 120, 140]]])
+    logits = torch.tensor([[2.0, 0.5, 1.0]])
+    labels = torch.tensor([[0, 0, 1]])
+    features, overlap = pair_features(boxes, logits, labels)
+    assert features.shape == (1, 3, 3, 9)
+    # what box 0 reads of box 1: IoU 50 / 150, half of each covered, centre 0.5 of box 0's
+    # width to the right, same size, logit 1.5 lower, same label
+    torch.testing.assert_close(features[0, 0, 1], torch.tensor(
+        [1 / 3, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, -1.5, 1.0]))
+    # box 2 read from box 0: no overlap, offset clamped to 4 widths, twice as wide, 4x as tall
+    torch.testing.assert_close(features[0, 0, 2], torch.tensor(
+        [0.0, 0.0, 0.0, 4.0, 4.0, math.log(2), math.log(4), -1.0, 0.0]))
+    assert overlap[0].tolist() == [[False, True, False], [True, False, False],
+                                   [False, False, False]]
+
+
+def test_targets_keep_each_objects_best_scored_detection_at_its_iou():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
+    gt_labels = torch.tensor([0, 0])
+    boxes = torch.tensor([
+        [0.0, 0, 10, 8],    # gt 0, IoU 0.8, best-scored: kept
+        [0.0, 0, 10, 9],    # gt 0 again, IoU 0.9 but lower score: a repeat
+        [20.0, 0, 30, 6],   # gt 1, IoU 0.6: kept
+        [20.0, 0, 30, 10],  # same box as gt 1 but another class: nothing
+        [0.0, 0, 10, 3],    # gt 0 at IoU 0.3: under 0.5, nothing
+    ])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = torch.tensor([0, 0, 0, 1, 0])
+    target = rescore_targets(boxes, scores, labels, gt, gt_labels)
+    torch.testing.assert_close(target, torch.tensor([0.8, 0.0, 0.6, 0.0, 0.0]))
+    # a detection between two objects goes to the one it overlaps most
+    between = torch.tensor([[12.0, 0, 30, 10]])  # gt 1 IoU 10/18, gt 0 none
+    torch.testing.assert_close(rescore_targets(between, scores[:1], labels[:1], gt, gt_labels),
+                               torch.tensor([10 / 18]))
+    assert rescore_targets(boxes, scores, labels, gt[:0], gt_labels[:0]).eq(0).all()
+    # the loss: summed cross-entropy over the detections with a target (2 here)
+    logits = torch.zeros(1, 5)
+    expected = 5 * math.log(2) / 2  # BCE(0, y) = log 2 whatever y
+    assert rescore_loss(logits, target[None]).item() == pytest.approx(expected)
+
+
+def test_rescorer_starts_at_the_detector_scores_and_reads_only_overlapping_detections():
+    torch.manual_seed(0)
+    rescorer = Rescorer(num_classes=2)
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [2, 0, 12, 10], [50, 50, 60, 60]]])
+    scores = torch.tensor([[0.9, 0.8, 0.3]])
+    labels = torch.tensor([[0, 0, 1]])
+    torch.testing.assert_close(rescorer(boxes, scores, labels), torch.logit(scores))
+    nn.init.normal_(rescorer.correction.weight)
+    before = rescorer(boxes, scores, labels)
+    moved = boxes.clone()
+    moved[0, 2] += 30  # the lone box moves, still alone: the others are unchanged
+    after = rescorer(moved, scores, labels)
+    torch.testing.assert_close(after[0, :2], before[0, :2])
+    moved = boxes.clone()
+    moved[0, 1] += 4  # the neighbour of box 0 moves: box 0's score changes
+    assert not torch.allclose(rescorer(moved, scores, labels)[0, 0], before[0, 0])
+
+
+def _clusters(generator: torch.Generator, objects: int = 12, repeats: int = 3):
+    """A scene of ``objects`` boxes, some pairs overlapping (a crowd), each repeated
+    ``repeats`` times with jitter and lower scores; scores of different objects interleave
+    (a repeat can outscore another object's best), so a detection's own score and rank do
+    not tell a repeat. Returns boxes, scores, labels sorted by score, and the gt boxes."""
+    centres = torch.rand(objects, 2, generator=generator) * 200 + 40
+    centres[1::2] = centres[0::2] + torch.tensor([14.0, 0.0])  # pairs of touching objects
+    size = torch.rand(objects, 2, generator=generator) * 20 + 20
+    gt = torch.cat([centres - size / 2, centres + size / 2], 1)
+    top = torch.rand(objects, generator=generator) * 0.5 + 0.45
+    boxes, scores = [gt + torch.randn(objects, 4, generator=generator)], [top]
+    for _ in range(repeats):
+        boxes.append(gt + torch.randn(objects, 4, generator=generator) * 2)
+        scores.append(top * (torch.rand(objects, generator=generator) * 0.4 + 0.5))
+    boxes, scores = torch.cat(boxes), torch.cat(scores)
+    order = scores.argsort(descending=True)
+    return boxes[order], scores[order], torch.zeros(len(order), dtype=torch.int64), gt
+
+
+def _repeats_and_kept(rescorer: Rescorer, generator: torch.Generator, scenes: int = 20):
+    """Over fresh scenes: detections scoring >= 0.3 that the targets call repeats, and
+    objects whose kept detection scores >= 0.3."""
+    repeats = kept = objects = 0
+    for _ in range(scenes):
+        boxes, scores, labels, gt = _clusters(generator)
+        target = rescore_targets(boxes, scores, labels, gt, torch.zeros(len(gt), dtype=int))
+        with torch.no_grad():
+            new = torch.sigmoid(rescorer(boxes[None], scores[None], labels[None]))[0]
+        repeats += int(((new >= 0.3) & (target == 0)).sum())
+        kept += int(((new >= 0.3) & (target > 0)).sum())
+        objects += len(gt)
+    return repeats / scenes, kept / objects
+
+
+def test_rescorer_learns_to_remove_repeats_and_keep_each_object():
+    torch.manual_seed(0)
+    rescorer = Rescorer(num_classes=1)
+    generator = torch.Generator().manual_seed(0)
+    repeats_before, kept_before = _repeats_and_kept(rescorer, torch.Generator().manual_seed(1))
+    assert repeats_before > 20  # most of the 36 repeats score above 0.3 at the start
+    optimizer = torch.optim.AdamW(rescorer.parameters(), lr=3e-3)
+    for _ in range(200):
+        batch = [_clusters(generator) for _ in range(4)]
+        targets = torch.stack([rescore_targets(b, s, lab, gt, torch.zeros(len(gt), dtype=int))
+                               for b, s, lab, gt in batch])
+        logits = rescorer(*(torch.stack([item[i] for item in batch]) for i in range(3)))
+        optimizer.zero_grad()
+        rescore_loss(logits, targets).backward()
+        optimizer.step()
+    repeats, kept = _repeats_and_kept(rescorer, torch.Generator().manual_seed(1))
+    assert repeats < 1.0 and kept > 0.9, (repeats_before, kept_before, repeats, kept)
+
+
+def test_rescore_is_an_option_of_the_detector_trained_on_its_own_detached_top_k():
+    torch.manual_seed(0)
+    model = O2F(tiny_config(rescore=True, rescore_weight=2.0)).train()
+    plain = O2F(tiny_config())
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("rescorer.") for k in extra)
+    image, target = synthetic_image()
+    losses = model([image], [target], t=0.6)
+    assert set(losses) == {"loss_cls", "loss_box", "loss_rescore"}
+    losses["loss_rescore"].backward()  # reaches the rescorer, nothing of the detector
+    assert model.rescorer.correction.weight.grad.abs().sum() > 0
+    detector = [p for n, p in model.named_parameters() if not n.startswith("rescorer.")]
+    assert all(p.grad is None for p in detector)
+    # the weight scales the loss
+    model.cfg.rescore_weight = 1.0
+    torch.manual_seed(1)
+    half = model([image], [target], t=0.6)["loss_rescore"]
+    torch.testing.assert_close(2 * half, losses["loss_rescore"])
+
+
+def test_inference_rescores_the_detectors_top_k_and_orders_them_again():
+    torch.manual_seed(0)
+    model = O2F(tiny_config(rescore=True, topk=20, score_thresh=0.0)).eval()
+    nn.init.normal_(model.head.cls_out.weight, std=0.5)
+    nn.init.normal_(model.rescorer.correction.weight, std=1.0)
+    image, _ = synthetic_image()
+    batch, sizes, _, _ = model.preprocess([image])
+    out = model.forward_dense(batch)
+    with torch.no_grad():
+        boxes, scores, labels = model.postprocess(out, sizes)
+        cand_boxes, cand_scores, cand_labels, _ = model._candidates(out, sizes)
+        rescored = torch.sigmoid(model.rescorer(cand_boxes, cand_scores, cand_labels))
+    expected, order = rescored.sort(descending=True)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(boxes, cand_boxes[0, order[0]][None])
+    assert torch.equal(labels, cand_labels.gather(1, order))
+    assert not torch.allclose(scores, cand_scores)
+
+
+def test_rescore_exports_without_nms(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from o2f.export import OnnxDetector, export_onnx, onnx_ops
+
+    torch.manual_seed(0)
+    model = O2F(load_config("digits", ["model.num_classes=2", "model.rescore=true"]).model)
+    model.eval()
+    nn.init.normal_(model.head.cls_out.weight, std=0.5)
+    nn.init.normal_(model.rescorer.correction.weight, std=1.0)
+    path = export_onnx(model, tmp_path / "rescore.onnx", size=(128, 160), dynamic=True)
+    assert "NonMaxSuppression" not in onnx_ops(path)
+    images = [torch.rand(3, 130, 150)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    got = OnnxDetector(path)(images)[0]
+    np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["boxes"], expected["boxes"].numpy(), atol=1e-2)
