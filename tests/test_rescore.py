@@ -31,7 +31,7 @@ def test_pair_features_on_two_half_overlapping_boxes_and_a_far_one():
                                    [False, False, False]]
 
 
-def test_targets_keep_each_objects_best_scored_detection_at_its_iou():
+def test_targets_keep_each_objects_best_scored_detection():
     gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
     gt_labels = torch.tensor([0, 0])
     boxes = torch.tensor([
@@ -44,15 +44,18 @@ def test_targets_keep_each_objects_best_scored_detection_at_its_iou():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     labels = torch.tensor([0, 0, 0, 1, 0])
     target = rescore_targets(boxes, scores, labels, gt, gt_labels)
-    torch.testing.assert_close(target, torch.tensor([0.8, 0.0, 0.6, 0.0, 0.0]))
-    # a detection between two objects goes to the one it overlaps most
-    between = torch.tensor([[12.0, 0, 30, 10]])  # gt 1 IoU 10/18, gt 0 none
-    torch.testing.assert_close(rescore_targets(between, scores[:1], labels[:1], gt, gt_labels),
-                               torch.tensor([10 / 18]))
-    assert rescore_targets(boxes, scores, labels, gt[:0], gt_labels[:0]).eq(0).all()
-    # the loss: summed cross-entropy over the detections with a target (2 here)
-    logits = torch.zeros(1, 5)
-    expected = 5 * math.log(2) / 2  # BCE(0, y) = log 2 whatever y
+    assert target.tolist() == [True, False, True, False, False]
+    # a detection overlapping two objects goes to the one it overlaps most, so the other
+    # object keeps its own: the first box has IoU 0.82 with gt B, 0.54 with gt A; the
+    # second, lower-scored, IoU 0.9 with gt A
+    two = torch.tensor([[0.0, 0, 10, 10], [4, 0, 14, 10]])
+    between = torch.tensor([[3.0, 0, 13, 10], [0, 0, 10, 9]])
+    assert rescore_targets(between, scores[:2], labels[:2], two, gt_labels).tolist() == [
+        True, True]
+    assert not rescore_targets(boxes, scores, labels, gt[:0], gt_labels[:0]).any()
+    # the loss: summed cross-entropy divided by the detections to keep (2 here)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, math.log(3)]])
+    expected = (4 * math.log(2) + math.log(4)) / 2  # BCE(0, y) = log 2; BCE(log 3, 0) = log 4
     assert rescore_loss(logits, target[None]).item() == pytest.approx(expected)
 
 
@@ -62,8 +65,9 @@ def test_rescorer_starts_at_the_detector_scores_and_reads_only_overlapping_detec
     boxes = torch.tensor([[[0.0, 0, 10, 10], [2, 0, 12, 10], [50, 50, 60, 60]]])
     scores = torch.tensor([[0.9, 0.8, 0.3]])
     labels = torch.tensor([[0, 0, 1]])
-    torch.testing.assert_close(rescorer(boxes, scores, labels), torch.logit(scores))
-    nn.init.normal_(rescorer.correction.weight)
+    torch.testing.assert_close(rescorer.rescore(boxes, scores, labels),
+                               scores * torch.sigmoid(torch.tensor(4.0)))
+    nn.init.normal_(rescorer.keep.weight)
     before = rescorer(boxes, scores, labels)
     moved = boxes.clone()
     moved[0, 2] += 30  # the lone box moves, still alone: the others are unchanged
@@ -101,7 +105,7 @@ def _repeats_and_kept(rescorer: Rescorer, generator: torch.Generator, scenes: in
         boxes, scores, labels, gt = _clusters(generator)
         target = rescore_targets(boxes, scores, labels, gt, torch.zeros(len(gt), dtype=int))
         with torch.no_grad():
-            new = torch.sigmoid(rescorer(boxes[None], scores[None], labels[None]))[0]
+            new = rescorer.rescore(boxes[None], scores[None], labels[None])[0]
         repeats += int(((new >= 0.3) & (target == 0)).sum())
         kept += int(((new >= 0.3) & (target > 0)).sum())
         objects += len(gt)
@@ -137,7 +141,7 @@ def test_rescore_is_an_option_of_the_detector_trained_on_its_own_detached_top_k(
     losses = model([image], [target], t=0.6)
     assert set(losses) == {"loss_cls", "loss_box", "loss_rescore"}
     losses["loss_rescore"].backward()  # reaches the rescorer, nothing of the detector
-    assert model.rescorer.correction.weight.grad.abs().sum() > 0
+    assert model.rescorer.keep.weight.grad.abs().sum() > 0
     detector = [p for n, p in model.named_parameters() if not n.startswith("rescorer.")]
     assert all(p.grad is None for p in detector)
     # the weight scales the loss
@@ -151,14 +155,15 @@ def test_inference_rescores_the_detectors_top_k_and_orders_them_again():
     torch.manual_seed(0)
     model = O2F(tiny_config(rescore=True, topk=20, score_thresh=0.0)).eval()
     nn.init.normal_(model.head.cls_out.weight, std=0.5)
-    nn.init.normal_(model.rescorer.correction.weight, std=1.0)
+    nn.init.normal_(model.rescorer.keep.weight, std=1.0)
     image, _ = synthetic_image()
     batch, sizes, _, _ = model.preprocess([image])
     out = model.forward_dense(batch)
     with torch.no_grad():
         boxes, scores, labels = model.postprocess(out, sizes)
         cand_boxes, cand_scores, cand_labels, _ = model._candidates(out, sizes)
-        rescored = torch.sigmoid(model.rescorer(cand_boxes, cand_scores, cand_labels))
+        rescored = cand_scores * torch.sigmoid(model.rescorer(cand_boxes, cand_scores,
+                                                              cand_labels))
     expected, order = rescored.sort(descending=True)
     torch.testing.assert_close(scores, expected)
     torch.testing.assert_close(boxes, cand_boxes[0, order[0]][None])
@@ -176,7 +181,7 @@ def test_rescore_exports_without_nms(tmp_path):
     model = O2F(load_config("digits", ["model.num_classes=2", "model.rescore=true"]).model)
     model.eval()
     nn.init.normal_(model.head.cls_out.weight, std=0.5)
-    nn.init.normal_(model.rescorer.correction.weight, std=1.0)
+    nn.init.normal_(model.rescorer.keep.weight, std=1.0)
     path = export_onnx(model, tmp_path / "rescore.onnx", size=(128, 160), dynamic=True)
     assert "NonMaxSuppression" not in onnx_ops(path)
     images = [torch.rand(3, 130, 150)]

@@ -265,17 +265,17 @@ class O2F(nn.Module):
 
         Per level the ``pre_topk`` best (point, class) pairs by p = sigmoid(cls) *
         sigmoid(obj); their boxes decoded and clipped to the unpadded image; over all levels
-        the ``topk`` best. With ``model.rescore`` those ``topk`` are rescored by the
-        rescorer (:mod:`o2f.model.rescore`) and ordered again. Returns boxes (B, K, 4) in the
-        batch's pixels, scores (B, K), labels (B, K); entries with score <= ``score_thresh``
-        are padding for the caller to drop. With ``cfg.use_nms`` a class-wise NMS runs
-        before the final top-k. With ``return_index`` also the point (B, K) int64 of each
-        detection, an index into the N points (what the instance model reads its mask
-        parameters from).
+        the ``topk`` best. With ``model.rescore`` those ``topk`` scores are multiplied by
+        the rescorer's keep probabilities (:mod:`o2f.model.rescore`) and ordered again.
+        Returns boxes (B, K, 4) in the batch's pixels, scores (B, K), labels (B, K); entries
+        with score <= ``score_thresh`` are padding for the caller to drop. With
+        ``cfg.use_nms`` a class-wise NMS runs before the final top-k. With ``return_index``
+        also the point (B, K) int64 of each detection, an index into the N points (what the
+        instance model reads its mask parameters from).
         """
         if self.rescorer is not None:
             boxes, scores, labels, points = self._candidates(out, image_sizes)
-            scores = torch.sigmoid(self.rescorer(boxes, scores, labels))
+            scores = self.rescorer.rescore(boxes, scores, labels)
         else:
             boxes, scores, labels, points = self._level_candidates(out, image_sizes)
         if self.cfg.use_nms:

@@ -11,11 +11,13 @@ duplicate-removal module of Relation Networks (Hu et al., CVPR 2018) and of Goss
 (Hosang et al., CVPR 2017), and of self-attention in DETR's decoder. Being learnt, it can
 keep two overlapping detections of two objects in a crowd, where NMS drops one.
 
-It is trained beside the detector on the detector's own detached top-k: a detection's
-target is its IoU with its ground truth when it is the best-scored detection of that ground
-truth (what the COCO evaluator would count as a true positive), otherwise 0. The dense head
-keeps its own assignment and losses unchanged. Everything is a tensor op of fixed shape:
-it is part of the exported graph.
+Its output is, per detection, the probability that it is its object's one detection; the
+final score is the detector's score times that probability, so the ranking among kept
+detections stays the detector's. It is trained beside the detector on the detector's own
+detached top-k: a detection is to be kept when it is the best-scored detection of its
+ground truth (what the COCO evaluator counts as the true positive), else not. The dense
+head keeps its own assignment and losses unchanged. Everything is a tensor op of fixed
+shape: it is part of the exported graph.
 """
 
 from __future__ import annotations
@@ -85,20 +87,21 @@ class RelationBlock(nn.Module):
 
 class Rescorer(nn.Module):
     """The rescoring network: ``forward(boxes (B, K, 4), scores (B, K), labels (B, K))``
-    returns new score logits (B, K). Each detection's state starts from its score logit,
-    its rank among the K and its class; ``blocks`` rounds of :class:`RelationBlock`; the
-    output is the input logit plus a learnt correction, initialised to zero (at the start
-    of training the scores are the detector's). Runs in float32 under autocast (a few
-    small matrices; the score gaps it reads need the precision)."""
+    returns keep logits (B, K), the log-odds that each detection is its object's one
+    detection (:meth:`rescore` applies them). Each detection's state starts from its score
+    logit, its rank among the K and its class; ``blocks`` rounds of :class:`RelationBlock`;
+    a linear map to the logit, initialised to a constant 4 (every detection kept at 0.98:
+    at the start of training the scores are the detector's). Runs in float32 under
+    autocast (a few small matrices; the score gaps it reads need the precision)."""
 
     def __init__(self, num_classes: int, dim: int = 32, blocks: int = 2) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(2, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.classes = nn.Embedding(num_classes, dim)
         self.blocks = nn.ModuleList(RelationBlock(dim) for _ in range(blocks))
-        self.correction = nn.Linear(dim, 1)
-        nn.init.zeros_(self.correction.weight)
-        nn.init.zeros_(self.correction.bias)
+        self.keep = nn.Linear(dim, 1)
+        nn.init.zeros_(self.keep.weight)
+        nn.init.constant_(self.keep.bias, 4.0)
 
     def forward(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         device = boxes.device.type
@@ -111,18 +114,21 @@ class Rescorer(nn.Module):
             features, overlap = pair_features(boxes, logits, labels)
             for block in self.blocks:
                 state = block(state, features, overlap)
-            return logits + self.correction(state).squeeze(-1)
+            return self.keep(state).squeeze(-1)
+
+    def rescore(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """The final scores (B, K): the detector's times the probability of being kept."""
+        return scores * torch.sigmoid(self(boxes, scores, labels)).to(scores.dtype)
 
 
 def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
                     gt_labels: Tensor, *, iou: float = 0.5) -> Tensor:
-    """The rescorer's targets for one image's detections (K, ordered by descending score,
-    as :meth:`O2F.postprocess` returns them): each detection goes to the ground truth of its
-    class it overlaps most; a ground truth's first detection (the best-scored) with IoU >=
-    ``iou`` gets that IoU as its target, every other detection 0. (K,) float32."""
-    target = boxes.new_zeros(boxes.shape[0], dtype=torch.float32)
+    """Which of one image's detections (K, ordered by descending score, as
+    :meth:`O2F.postprocess` returns them) are to be kept: each detection goes to the ground
+    truth of its class it overlaps most; a ground truth's first detection (the best-scored)
+    with IoU >= ``iou`` is kept, every other detection not. (K,) bool."""
     if gt_boxes.numel() == 0 or boxes.numel() == 0:
-        return target
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     to_gt = box_iou(boxes.float(), gt_boxes.float().reshape(-1, 4))
     to_gt = to_gt * (labels[:, None] == gt_labels[None, :])
     best, gt = to_gt.max(1)
@@ -130,12 +136,11 @@ def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
     candidate = torch.where(best >= iou, order, boxes.shape[0])
     first = candidate.new_full((gt_boxes.shape[0],), boxes.shape[0]).scatter_reduce(
         0, gt, candidate, "amin")
-    chosen = (best >= iou) & (first[gt] == order)
-    return torch.where(chosen, best, target)
+    return (best >= iou) & (first[gt] == order)
 
 
-def rescore_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Binary cross-entropy of the rescored logits (B, K) against :func:`rescore_targets`
-    (B, K), summed and divided by the number of detections with a target (at least 1)."""
-    total = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum")
-    return total / (targets > 0).sum().clamp(min=1)
+def rescore_loss(logits: Tensor, keep: Tensor) -> Tensor:
+    """Binary cross-entropy of the keep logits (B, K) against :func:`rescore_targets`
+    (B, K) bool, summed and divided by the number of detections to keep (at least 1)."""
+    total = F.binary_cross_entropy_with_logits(logits.float(), keep.float(), reduction="sum")
+    return total / keep.sum().clamp(min=1)
