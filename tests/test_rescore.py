@@ -31,31 +31,31 @@ def test_pair_features_on_two_half_overlapping_boxes_and_a_far_one():
                                    [False, False, False]]
 
 
-def test_targets_keep_each_objects_best_scored_detection():
+def test_targets_keep_each_objects_best_scored_detection_and_drop_its_repeats():
     gt = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
     gt_labels = torch.tensor([0, 0])
     boxes = torch.tensor([
         [0.0, 0, 10, 8],    # gt 0, IoU 0.8, best-scored: kept
         [0.0, 0, 10, 9],    # gt 0 again, IoU 0.9 but lower score: a repeat
         [20.0, 0, 30, 6],   # gt 1, IoU 0.6: kept
-        [20.0, 0, 30, 10],  # same box as gt 1 but another class: nothing
-        [0.0, 0, 10, 3],    # gt 0 at IoU 0.3: under 0.5, nothing
+        [20.0, 0, 30, 10],  # same box as gt 1 but another class: no object's
+        [0.0, 0, 10, 3],    # gt 0 at IoU 0.3: under 0.5, no object's
     ])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     labels = torch.tensor([0, 0, 0, 1, 0])
     target = rescore_targets(boxes, scores, labels, gt, gt_labels)
-    assert target.tolist() == [True, False, True, False, False]
+    assert target.tolist() == [1, 0, 1, -1, -1]
     # a detection overlapping two objects goes to the one it overlaps most, so the other
     # object keeps its own: the first box has IoU 0.82 with gt B, 0.54 with gt A; the
     # second, lower-scored, IoU 0.9 with gt A
     two = torch.tensor([[0.0, 0, 10, 10], [4, 0, 14, 10]])
     between = torch.tensor([[3.0, 0, 13, 10], [0, 0, 10, 9]])
-    assert rescore_targets(between, scores[:2], labels[:2], two, gt_labels).tolist() == [
-        True, True]
-    assert not rescore_targets(boxes, scores, labels, gt[:0], gt_labels[:0]).any()
-    # the loss: summed cross-entropy divided by the detections to keep (2 here)
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, math.log(3)]])
-    expected = (4 * math.log(2) + math.log(4)) / 2  # BCE(0, y) = log 2; BCE(log 3, 0) = log 4
+    assert rescore_targets(between, scores[:2], labels[:2], two, gt_labels).tolist() == [1, 1]
+    assert rescore_targets(boxes, scores, labels, gt[:0], gt_labels[:0]).eq(-1).all()
+    # the loss: summed cross-entropy over the object's detections (the first three) divided
+    # by the detections to keep (2); the last two count for nothing, whatever their logits
+    logits = torch.tensor([[0.0, math.log(3), 0.0, 9.0, -9.0]])
+    expected = (2 * math.log(2) + math.log(4)) / 2  # BCE(0, y) = log 2; BCE(log 3, 0) = log 4
     assert rescore_loss(logits, target[None]).item() == pytest.approx(expected)
 
 

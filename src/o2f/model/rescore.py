@@ -14,9 +14,11 @@ keep two overlapping detections of two objects in a crowd, where NMS drops one.
 Its output is, per detection, the probability that it is its object's one detection; the
 final score is the detector's score times that probability, so the ranking among kept
 detections stays the detector's. It is trained beside the detector on the detector's own
-detached top-k: a detection is to be kept when it is the best-scored detection of its
-ground truth (what the COCO evaluator counts as the true positive), else not. The dense
-head keeps its own assignment and losses unchanged. Everything is a tensor op of fixed
+detached top-k, on the detections of objects only: the best-scored detection of a ground
+truth (what the COCO evaluator counts as its true positive) is to be kept, its other
+detections (the repeats) are not; a detection of no object is not asked about, as telling
+objects from background is the detector's part. The dense head keeps its own assignment
+and losses unchanged. Everything is a tensor op of fixed
 shape: it is part of the exported graph.
 """
 
@@ -123,12 +125,13 @@ class Rescorer(nn.Module):
 
 def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
                     gt_labels: Tensor, *, iou: float = 0.5) -> Tensor:
-    """Which of one image's detections (K, ordered by descending score, as
-    :meth:`O2F.postprocess` returns them) are to be kept: each detection goes to the ground
-    truth of its class it overlaps most; a ground truth's first detection (the best-scored)
-    with IoU >= ``iou`` is kept, every other detection not. (K,) bool."""
+    """What the rescorer learns of one image's detections (K, ordered by descending score,
+    as :meth:`O2F.postprocess` returns them): each detection goes to the ground truth of its
+    class it overlaps most, if at IoU >= ``iou``; a ground truth's first detection (the
+    best-scored) is 1 (keep), its later ones 0 (repeats), and a detection of no ground
+    truth -1 (left out of the loss). (K,) int64."""
     if gt_boxes.numel() == 0 or boxes.numel() == 0:
-        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        return torch.full((boxes.shape[0],), -1, dtype=torch.int64, device=boxes.device)
     to_gt = box_iou(boxes.float(), gt_boxes.float().reshape(-1, 4))
     to_gt = to_gt * (labels[:, None] == gt_labels[None, :])
     best, gt = to_gt.max(1)
@@ -136,11 +139,15 @@ def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
     candidate = torch.where(best >= iou, order, boxes.shape[0])
     first = candidate.new_full((gt_boxes.shape[0],), boxes.shape[0]).scatter_reduce(
         0, gt, candidate, "amin")
-    return (best >= iou) & (first[gt] == order)
+    keep = (first[gt] == order).long()
+    return torch.where(best >= iou, keep, -1)
 
 
-def rescore_loss(logits: Tensor, keep: Tensor) -> Tensor:
+def rescore_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Binary cross-entropy of the keep logits (B, K) against :func:`rescore_targets`
-    (B, K) bool, summed and divided by the number of detections to keep (at least 1)."""
-    total = F.binary_cross_entropy_with_logits(logits.float(), keep.float(), reduction="sum")
-    return total / keep.sum().clamp(min=1)
+    (B, K), over the detections of an object (target 0 or 1), summed and divided by the
+    number to keep (at least 1)."""
+    counted = targets >= 0
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0).float(),
+                                              reduction="none")
+    return (loss * counted).sum() / (targets == 1).sum().clamp(min=1)
