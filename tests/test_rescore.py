@@ -67,6 +67,13 @@ def test_rescorer_starts_at_the_detector_scores_and_reads_only_overlapping_detec
     labels = torch.tensor([[0, 0, 1]])
     torch.testing.assert_close(rescorer.rescore(boxes, scores, labels),
                                scores * torch.sigmoid(torch.tensor(4.0)))
+    # a detection called a repeat (q = 0) keeps the floor's share of its score, one called
+    # its object's detection (q = 1) all of it
+    with torch.no_grad():
+        rescorer.keep.bias.fill_(-100.0)
+        torch.testing.assert_close(rescorer.rescore(boxes, scores, labels, 0.2), scores * 0.2)
+        rescorer.keep.bias.fill_(100.0)
+        torch.testing.assert_close(rescorer.rescore(boxes, scores, labels, 0.2), scores)
     nn.init.normal_(rescorer.keep.weight)
     before = rescorer(boxes, scores, labels)
     moved = boxes.clone()
@@ -167,8 +174,8 @@ def test_inference_rescores_the_detectors_top_k_and_orders_them_again():
     with torch.no_grad():
         boxes, scores, labels = model.postprocess(out, sizes)
         cand_boxes, cand_scores, cand_labels, _ = model._candidates(out, sizes)
-        rescored = cand_scores * torch.sigmoid(model.rescorer(cand_boxes, cand_scores,
-                                                              cand_labels))
+        keep = torch.sigmoid(model.rescorer(cand_boxes, cand_scores, cand_labels))
+        rescored = cand_scores * (0.2 + 0.8 * keep)  # model.rescore_floor=0.2
     expected, order = rescored.sort(descending=True)
     torch.testing.assert_close(scores, expected)
     torch.testing.assert_close(boxes, cand_boxes[0, order[0]][None])

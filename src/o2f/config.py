@@ -60,6 +60,10 @@ class ModelConfig:
     # graph; o2f.model.rescore), trained beside the detector with this loss weight
     rescore: bool = False
     rescore_weight: float = 1.0
+    # share of its score a detection the rescorer calls a repeat keeps: low enough to stay
+    # under the 0.3 a picture is drawn at, like the release's soft anchors (t ends at 0.2),
+    # and still there as a second chance for the metrics
+    rescore_floor: float = 0.2
     # quality (release) | score | iou | leader | centred | centred_in_level
     certain_by: str = "quality"
     certain_margin: float = 0.05  # certain_by=leader: picks this near the best quality compete

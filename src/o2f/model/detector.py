@@ -266,7 +266,8 @@ class O2F(nn.Module):
         Per level the ``pre_topk`` best (point, class) pairs by p = sigmoid(cls) *
         sigmoid(obj); their boxes decoded and clipped to the unpadded image; over all levels
         the ``topk`` best. With ``model.rescore`` those ``topk`` scores are multiplied by
-        the rescorer's keep probabilities (:mod:`o2f.model.rescore`) and ordered again.
+        floor + (1 - floor) x the rescorer's keep probabilities (:mod:`o2f.model.rescore`,
+        ``model.rescore_floor``) and ordered again.
         Returns boxes (B, K, 4) in the batch's pixels, scores (B, K), labels (B, K); entries
         with score <= ``score_thresh`` are padding for the caller to drop. With
         ``cfg.use_nms`` a class-wise NMS runs before the final top-k. With ``return_index``
@@ -275,7 +276,7 @@ class O2F(nn.Module):
         """
         if self.rescorer is not None:
             boxes, scores, labels, points = self._candidates(out, image_sizes)
-            scores = self.rescorer.rescore(boxes, scores, labels)
+            scores = self.rescorer.rescore(boxes, scores, labels, self.cfg.rescore_floor)
         else:
             boxes, scores, labels, points = self._level_candidates(out, image_sizes)
         if self.cfg.use_nms:

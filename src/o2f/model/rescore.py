@@ -11,10 +11,15 @@ duplicate-removal module of Relation Networks (Hu et al., CVPR 2018) and of Goss
 (Hosang et al., CVPR 2017), and of self-attention in DETR's decoder. Being learnt, it can
 keep two overlapping detections of two objects in a crowd, where NMS drops one.
 
-Its output is, per detection, the probability that it is its object's one detection; the
-final score is the detector's score times that probability, so the ranking among kept
-detections stays the detector's. It is trained beside the detector on the detector's own
-detached top-k, on the detections of objects only: the best-scored detection of a ground
+Its output is, per detection, the probability q that it is its object's one detection; the
+final score is the detector's score s times floor + (1 - floor) q: the ranking among kept
+detections stays the detector's, and a repeat is demoted to a share ``floor`` of its score
+(``model.rescore_floor=0.2``, under the 0.3 a picture is drawn at, as the release's soft
+anchors end under 0.2), not deleted: COCO AP still counts it as a second chance, as it
+counts the release's low-scored soft anchors.
+
+It is trained beside the detector on the detector's own detached top-k, on the detections
+of objects only: the best-scored detection of a ground
 truth (what the COCO evaluator counts as its true positive) is to be kept, its other
 detections (the repeats) are not; a detection of no object is not asked about, as telling
 objects from background is the detector's part. The dense head keeps its own assignment
@@ -118,9 +123,12 @@ class Rescorer(nn.Module):
                 state = block(state, features, overlap)
             return self.keep(state).squeeze(-1)
 
-    def rescore(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """The final scores (B, K): the detector's times the probability of being kept."""
-        return scores * torch.sigmoid(self(boxes, scores, labels)).to(scores.dtype)
+    def rescore(self, boxes: Tensor, scores: Tensor, labels: Tensor, floor: float = 0.0
+                ) -> Tensor:
+        """The final scores (B, K): the detector's s times floor + (1 - floor) q, q the
+        probability of being kept."""
+        keep = torch.sigmoid(self(boxes, scores, labels)).to(scores.dtype)
+        return scores * (floor + (1 - floor) * keep)
 
 
 def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor,
