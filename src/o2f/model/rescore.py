@@ -101,7 +101,7 @@ class Rescorer(nn.Module):
     at the start of training the scores are the detector's). Runs in float32 under
     autocast (a few small matrices; the score gaps it reads need the precision)."""
 
-    def __init__(self, num_classes: int, dim: int = 32, blocks: int = 2) -> None:
+    def __init__(self, num_classes: int, dim: int = 64, blocks: int = 2) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(2, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.classes = nn.Embedding(num_classes, dim)
