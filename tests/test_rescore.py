@@ -77,7 +77,8 @@ def test_rescorer_starts_at_the_detector_scores_and_reads_only_overlapping_detec
     nn.init.normal_(rescorer.keep.weight)
     before = rescorer(boxes, scores, labels)
     moved = boxes.clone()
-    moved[0, 2] += 30  # the lone box moves, still alone: the others are unchanged
+    moved[0, 2] = torch.tensor([25.0, 0, 35, 10])  # the lone box moves, still alone: the
+    # others (which would read it 2.5 widths away instead of 4) are unchanged
     after = rescorer(moved, scores, labels)
     torch.testing.assert_close(after[0, :2], before[0, :2])
     moved = boxes.clone()

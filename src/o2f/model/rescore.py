@@ -19,12 +19,11 @@ anchors end under 0.2), not deleted: COCO AP still counts it as a second chance,
 counts the release's low-scored soft anchors.
 
 It is trained beside the detector on the detector's own detached top-k, on the detections
-of objects only: the best-scored detection of a ground
-truth (what the COCO evaluator counts as its true positive) is to be kept, its other
-detections (the repeats) are not; a detection of no object is not asked about, as telling
-objects from background is the detector's part. The dense head keeps its own assignment
-and losses unchanged. Everything is a tensor op of fixed
-shape: it is part of the exported graph.
+of objects only: the best-scored detection of a ground truth (what the COCO evaluator
+counts as its true positive) is to be kept, its other detections (the repeats) are not; a
+detection of no object is not asked about, as telling objects from background is the
+detector's part. The dense head keeps its own assignment and losses unchanged. Everything
+is a tensor op of fixed shape: it is part of the exported graph.
 """
 
 from __future__ import annotations
