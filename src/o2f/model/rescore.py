@@ -84,9 +84,12 @@ class RelationBlock(nn.Module):
         self.update = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
     def forward(self, state: Tensor, features: Tensor, overlap: Tensor) -> Tensor:
-        num = state.shape[1]
-        neighbour = state[:, None, :, :].expand(-1, num, -1, -1)
-        messages = self.pair(torch.cat([features, neighbour], -1))  # >= 0 (ReLU)
+        # The pair MLP's first layer on [features_ij, state_j], as the sum of its two parts:
+        # the state's part computed once per detection, not once per pair (same result).
+        first = self.pair[0]
+        w_pair, w_state = first.weight.split([PAIR_FEATURES, state.shape[-1]], 1)
+        hidden = F.linear(features, w_pair) + F.linear(state, w_state, first.bias)[:, None]
+        messages = self.pair[1:](hidden)  # >= 0 (ReLU)
         read = (messages * overlap[..., None]).amax(2)
         return state + self.update(torch.cat([state, read], -1))
 
