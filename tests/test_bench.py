@@ -28,7 +28,8 @@ def test_fuse_batchnorm_keeps_the_outputs():
 
 
 def test_count_flops_matches_a_count_of_every_convolution():
-    model = o2f.build_model("digits", num_classes=10).eval()
+    # the dense network alone: the preset's rescorer (linear layers) is counted below
+    model = o2f.build_model("digits", num_classes=10, rescore=False).eval()
     images = [torch.rand(3, 96, 160)]
     by_hand = []
 
@@ -43,6 +44,9 @@ def test_count_flops_matches_a_count_of_every_convolution():
     assert len(by_hand) > 20  # backbone, FPN, and the head once per level
     # the digits model has convolutions only (no linear layers): the counts agree exactly
     assert flops == sum(by_hand)
+    # with the rescorer its matrix products are counted too
+    torch.manual_seed(0)
+    assert count_flops(o2f.build_model("digits", num_classes=10).eval(), images) > flops
 
 
 @pytest.mark.slow
@@ -55,10 +59,14 @@ def test_bench_reports_every_figure(tmp_path):
     assert report["o2f_eager_s"] > report["o2f_post_s"]
     assert report["fcos_eager_s"] > report["fcos_post_s"]
     assert report["o2f_detections"] <= 100 and report["fcos_detections"] <= 100
-    # convolution FLOPs grow with the pixels: twice the side, four times the FLOPs
-    double = run_bench("digits", size=(256, 320), repeats=1, onnx=False, fcos=False,
-                       work_dir=tmp_path)
-    assert double["o2f_flops"] / report["o2f_flops"] == pytest.approx(4, rel=0.03)
+    # convolution FLOPs grow with the pixels: twice the side, four times the FLOPs (the
+    # dense network alone: the rescorer's work is the same at every size)
+    plain = dict(repeats=1, onnx=False, fcos=False, work_dir=tmp_path,
+                 overrides=["model.rescore=false"])
+    single = run_bench("digits", size=(128, 160), **plain)
+    double = run_bench("digits", size=(256, 320), **plain)
+    assert double["o2f_flops"] / single["o2f_flops"] == pytest.approx(4, rel=0.03)
+    assert report["o2f_flops"] > single["o2f_flops"]  # the preset's rescorer counted
     assert "fcos_eager_s" not in double and "o2f_onnx_s" not in double
     # the report prints the measured figures, and ratios computed from them
     text = format_report(report)

@@ -285,23 +285,31 @@ def test_max_filter_is_an_option_of_the_head_and_changes_only_the_objectness():
     assert not torch.allclose(a.obj_logits, b.obj_logits)
 
 
-def test_exported_graph_with_the_max_filter_has_no_nms(tmp_path):
+def exported_without_nms(model: O2F, path) -> tuple[set, dict, dict]:
+    """Export ``model`` (dynamic shapes) to ``path``, check that the graph has no
+    NonMaxSuppression node; return its ops and the eager and ONNX Runtime detections of one
+    130 x 150 image."""
     pytest.importorskip("onnxruntime")
-    import numpy as np
-
     from o2f.export import OnnxDetector, export_onnx, onnx_ops
+
+    path = export_onnx(model, path, size=(128, 160), dynamic=True)
+    ops = onnx_ops(path)
+    assert "NonMaxSuppression" not in ops
+    images = [torch.rand(3, 130, 150)]
+    with torch.no_grad():
+        expected = model(images)[0]
+    return ops, expected, OnnxDetector(path)(images)[0]
+
+
+def test_exported_graph_with_the_max_filter_has_no_nms(tmp_path):
+    import numpy as np
 
     torch.manual_seed(0)
     model = O2F(load_config("digits", ["model.max_filter=true", "model.num_classes=2"]).model)
     model.eval()
     nn.init.normal_(model.head.cls_out.weight, std=0.5)
-    path = export_onnx(model, tmp_path / "mf.onnx", size=(128, 160), dynamic=True)
-    ops = onnx_ops(path)
-    assert "NonMaxSuppression" not in ops and "MaxPool" in ops
-    images = [torch.rand(3, 130, 150)]
-    with torch.no_grad():
-        expected = model(images)[0]
-    got = OnnxDetector(path)(images)[0]
+    ops, expected, got = exported_without_nms(model, tmp_path / "mf.onnx")
+    assert "MaxPool" in ops
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
 
 
@@ -325,10 +333,7 @@ def test_box_vote_moves_a_neighbours_box_to_the_cell_and_ignores_cells_off_the_m
 
 
 def test_box_vote_is_an_option_of_the_head_and_exports_without_nms(tmp_path):
-    pytest.importorskip("onnxruntime")
     import numpy as np
-
-    from o2f.export import OnnxDetector, export_onnx, onnx_ops
 
     torch.manual_seed(0)
     plain = O2F(load_config("digits", ["model.num_classes=2"]).model).eval()
@@ -344,12 +349,7 @@ def test_box_vote_is_an_option_of_the_head_and_exports_without_nms(tmp_path):
         a, b = plain.forward_dense(x), voted.forward_dense(x)
     assert torch.equal(a.cls_logits, b.cls_logits) and torch.equal(a.obj_logits, b.obj_logits)
     assert not torch.allclose(a.box_ltrb, b.box_ltrb)
-    path = export_onnx(voted, tmp_path / "vote.onnx", size=(128, 160), dynamic=True)
-    assert "NonMaxSuppression" not in onnx_ops(path)
-    images = [torch.rand(3, 130, 150)]
-    with torch.no_grad():
-        expected = voted(images)[0]
-    got = OnnxDetector(path)(images)[0]
+    _, expected, got = exported_without_nms(voted, tmp_path / "vote.onnx")
     np.testing.assert_allclose(got["boxes"], expected["boxes"].numpy(), atol=1e-2)
 
 

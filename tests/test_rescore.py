@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_end_to_end import exported_without_nms
 from test_model import synthetic_image, tiny_config
 from torch import nn
 
@@ -185,21 +186,13 @@ def test_inference_rescores_the_detectors_top_k_and_orders_them_again():
 
 
 def test_rescore_exports_without_nms(tmp_path):
-    pytest.importorskip("onnxruntime")
     import numpy as np
-
-    from o2f.export import OnnxDetector, export_onnx, onnx_ops
 
     torch.manual_seed(0)
     model = O2F(load_config("digits", ["model.num_classes=2", "model.rescore=true"]).model)
     model.eval()
     nn.init.normal_(model.head.cls_out.weight, std=0.5)
     nn.init.normal_(model.rescorer.keep.weight, std=1.0)
-    path = export_onnx(model, tmp_path / "rescore.onnx", size=(128, 160), dynamic=True)
-    assert "NonMaxSuppression" not in onnx_ops(path)
-    images = [torch.rand(3, 130, 150)]
-    with torch.no_grad():
-        expected = model(images)[0]
-    got = OnnxDetector(path)(images)[0]
+    _, expected, got = exported_without_nms(model, tmp_path / "rescore.onnx")
     np.testing.assert_allclose(got["scores"], expected["scores"].numpy(), atol=1e-4)
     np.testing.assert_allclose(got["boxes"], expected["boxes"].numpy(), atol=1e-2)

@@ -130,15 +130,16 @@ def o2f_postprocess_seconds(model: O2F, images: list[torch.Tensor], repeats: int
 def run_bench(preset: str = "r50_1x", size: tuple[int, int] = (800, 1216), batch: int = 1,
               repeats: int = 5, onnx: bool = True, fcos: bool = True, prior: float = 0.05,
               threads: int | None = None, work_dir: str | Path = "runs/bench",
-              paths: list[str] | None = None) -> dict:
+              paths: list[str] | None = None, overrides: list[str] | None = None) -> dict:
     """Latency of O2F eager float32 (and onnxruntime float32 with ``onnx``) beside
     torchvision FCOS float32 eager, plus every path of ``paths`` ("backend:dtype", dtype
     float32, bf16 or int8: e.g. "eager:bf16", "onnxruntime:int8", "openvino:bf16"), and
-    the machine's measured float32 / bfloat16 peaks. Seconds are medians of ``repeats``."""
+    the machine's measured float32 / bfloat16 peaks. Seconds are medians of ``repeats``.
+    ``overrides``: ``key=value`` config overrides of the preset."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_config(preset, ["model.backbone_weights=null"])
+    cfg = load_config(preset, ["model.backbone_weights=null", *(overrides or [])])
     cfg.model.min_size, cfg.model.max_size = size[0], max(size)
     model = O2F(cfg.model).eval()
     _raise_scores(model.head.cls_out, prior)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from o2f.losses import reduce_mean
+
 PAIR_FEATURES = 9
 
 
@@ -156,8 +158,9 @@ def rescore_targets(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Ten
 def rescore_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Binary cross-entropy of the keep logits (B, K) against :func:`rescore_targets`
     (B, K), over the detections of an object (target 0 or 1), summed and divided by the
-    number to keep (at least 1)."""
+    number to keep (averaged over processes, as the detector's normalisers; at least 1)."""
     counted = targets >= 0
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0).float(),
                                               reduction="none")
-    return (loss * counted).sum() / (targets == 1).sum().clamp(min=1)
+    kept = reduce_mean((targets == 1).sum().to(torch.float32))
+    return (loss * counted).sum() / kept.clamp(min=1)
