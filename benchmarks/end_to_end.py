@@ -136,9 +136,6 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                                                      "model.head_channels=128"]),
     "rescore": ("the release's recipe, its top-k rescored by a learnt relation network over "
                 "overlapping detections", ["model.rescore=true"]),
-    "strict_ciou_t01_rescore": ("strict-e2e, IoU label, t ending at 0.1, the top-k rescored "
-                                "by a learnt relation network", [*STRICT_IOU_T01,
-                                                                 "model.rescore=true"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),
