@@ -22,10 +22,6 @@ from o2f.config import load_config
 from o2f.model.detector import O2F
 
 
-def median_seconds(fn, repeats: int) -> float:
-    return statistics.median(timed(fn, repeats, warmup=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=10)
@@ -61,7 +57,8 @@ def main() -> None:
             with torch.inference_mode():
                 model(images[:1])
 
-        rows[name] = (median_seconds(step, args.repeats), median_seconds(predict, args.repeats))
+        rows[name] = (statistics.median(timed(step, args.repeats, warmup=2)),
+                      statistics.median(timed(predict, args.repeats, warmup=2)))
     base_train, base_predict = rows["release"]
     print(f"threads {args.threads}, {args.classes} classes")
     print("| model | training step (batch 8) | ratio | prediction (1 image) | ratio |")

@@ -38,10 +38,6 @@ from o2f.losses import reduce_mean
 PAIR_FEATURES = 9
 
 
-def _logit(scores: Tensor) -> Tensor:
-    return torch.logit(scores.float().clamp(1e-6, 1 - 1e-6))
-
-
 def pair_features(boxes: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """What detection i reads of detection j, for every pair of a batch's detections.
 
@@ -117,7 +113,7 @@ class Rescorer(nn.Module):
     def forward(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         device = boxes.device.type
         with torch.autocast(device, enabled=False):
-            logits = _logit(scores)
+            logits = torch.logit(scores.float(), eps=1e-6)
             num = logits.shape[1]
             rank = torch.arange(num, device=boxes.device, dtype=torch.float32) / num
             own = torch.stack([logits.clamp(-10, 10) / 5, rank.expand_as(logits)], -1)
