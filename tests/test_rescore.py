@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import rect_overrides
 from test_end_to_end import exported_without_nms
 from test_model import synthetic_image, tiny_config
 from torch import nn
 
+from o2f.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from o2f.config import load_config
+from o2f.engine import build_optimizer, lr_factor, train
 from o2f.model.detector import O2F
 from o2f.model.rescore import Rescorer, pair_features, rescore_loss, rescore_targets
 
@@ -183,6 +186,47 @@ def test_inference_rescores_the_detectors_top_k_and_orders_them_again():
     torch.testing.assert_close(boxes, cand_boxes[0, order[0]][None])
     assert torch.equal(labels, cand_labels.gather(1, order))
     assert not torch.allclose(scores, cand_scores)
+
+
+def test_rescorer_lr_is_held_while_the_detectors_decays():
+    cfg = load_config("digits", ["train.epochs=4"])  # cosine, warm-up 100 from 0.01
+    assert (cfg.train.schedule, cfg.train.rescore_schedule) == ("cosine", "constant")
+    # the rescorer's: the same warm-up, then held
+    assert lr_factor(50, cfg, 100, "constant") == pytest.approx(0.01 + 0.99 * 0.5)
+    assert [lr_factor(it, cfg, 100, "constant") for it in (100, 200, 399, 400)] == [1.0] * 4
+    assert lr_factor(200, cfg, 100) == pytest.approx(0.5)  # the detector's, half-way
+    # its parameters in groups of their own, every parameter once, weight decay as before
+    model = O2F(cfg.model)
+    groups = build_optimizer(model, cfg).param_groups
+    own = {id(p) for p in model.rescorer.parameters()}
+    for g in groups:
+        assert {id(p) in own for p in g["params"]} == {bool(g.get("rescorer"))}
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert {g["weight_decay"] for g in groups} == {0.0, cfg.train.weight_decay}
+
+
+def test_training_holds_the_rescorers_lr_at_its_multiple(rectangles, tmp_path):
+    cfg = load_config("digits", rect_overrides(rectangles, **{
+        "train.max_iters": 3, "train.eval_every": 0, "train.warmup_iters": 0,
+        "train.rescore_lr_mult": 2.0}))
+    train(cfg, tmp_path)
+    groups = load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    base = cfg.train.lr  # batch_size = base_batch_size
+    rescorer = [g["lr"] for g in groups if g.get("rescorer")]
+    detector = [g["lr"] for g in groups if not g.get("rescorer")]
+    assert rescorer and rescorer == pytest.approx([2 * base] * len(rescorer))
+    assert detector and max(detector) < 0.99 * base  # cosine-decayed by the third step
+    # a checkpoint whose optimizer mixed the rescorer into the detector's groups (as runs
+    # before it had its own did) is a clear error on resume, not a traceback
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    old = ckpt["optimizer"]["param_groups"]
+    ckpt["optimizer"]["param_groups"] = [
+        dict(g, params=[i for h in old if h["weight_decay"] == g["weight_decay"]
+                        for i in h["params"]]) for g in old if not g.get("rescorer")]
+    save_checkpoint(tmp_path / "last.pt", ckpt)
+    with pytest.raises(CheckpointError, match="last.pt: its optimizer state does not match"):
+        train(cfg, tmp_path, resume=True)
 
 
 def test_rescore_exports_without_nms(tmp_path):

@@ -144,7 +144,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 1000
     warmup_ratio: float = 0.001
-    schedule: str = "step"  # step | cosine
+    schedule: str = "step"  # step | cosine | constant
+    # model.rescore: the rescorer's own lr schedule (constant: held after the warm-up, as it
+    # learns from the detector's late scores; "" = train.schedule) and lr multiplier
+    rescore_schedule: str = "constant"
+    rescore_lr_mult: float = 1.0
     steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs where lr *= 0.1
     grad_clip: float | None = None
     amp: str = "auto"  # auto | bf16 | fp16 | off; auto: bf16 where the CPU/GPU runs it natively

@@ -74,10 +74,12 @@ class TrainState:
 
 # --------------------------------------------------------------------------- optimiser
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on every trainable parameter except those of normalisation layers."""
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Weight decay on every trainable parameter except those of normalisation layers;
+    parameters whose id is in ``exclude`` left out."""
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    decay, no_decay, seen = [], [], set()
+    decay, no_decay, seen = [], [], set(exclude or ())
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -94,8 +96,18 @@ def base_lr(cfg: Config) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """The optimiser over ``param_groups``; the rescorer's parameters (``model.rescore``)
+    in groups of their own, marked ``rescorer`` (their lr follows ``train.rescore_schedule``
+    and ``train.rescore_lr_mult``)."""
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    rescorer = getattr(model, "rescorer", None)
+    if rescorer is None:
+        groups = param_groups(model, t.weight_decay)
+    else:
+        own = {id(p) for p in rescorer.parameters()}
+        groups = [g for g in param_groups(model, t.weight_decay, exclude=own) if g["params"]]
+        groups += [dict(g, rescorer=True) for g in param_groups(rescorer, t.weight_decay)
+                   if g["params"]]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=t.momentum)
     if t.optimizer == "adamw":
@@ -103,19 +115,24 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
 
 
-def lr_factor(it: int, cfg: Config, iters_per_epoch: int) -> float:
+def lr_factor(it: int, cfg: Config, iters_per_epoch: int, schedule: str | None = None
+              ) -> float:
     """Multiplier of the base lr at global iteration ``it``: linear warm-up from
     ``warmup_ratio``, then x0.1 at each epoch of ``steps`` (or cosine decay to 0 over all
-    ``epochs``; ``max_iters`` stops a run early without changing its schedule)."""
+    ``epochs``, or constant; ``max_iters`` stops a run early without changing its
+    schedule). ``schedule`` replaces ``train.schedule``."""
     t = cfg.train
+    schedule = schedule or t.schedule
     total = t.epochs * iters_per_epoch
-    if t.schedule == "cosine":
+    if schedule == "constant":
+        factor = 1.0
+    elif schedule == "cosine":
         factor = 0.5 * (1 + math.cos(math.pi * min(it / max(total, 1), 1.0)))
-    elif t.schedule == "step":
+    elif schedule == "step":
         epoch = it // max(iters_per_epoch, 1)
         factor = 0.1 ** sum(epoch >= s for s in t.steps)
     else:
-        raise ValueError(f"train.schedule must be step or cosine, got '{t.schedule}'")
+        raise ValueError(f"train.schedule must be step, cosine or constant, got '{schedule}'")
     if it < t.warmup_iters:
         factor *= t.warmup_ratio + (1 - t.warmup_ratio) * it / t.warmup_iters
     return factor
@@ -255,7 +272,12 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
     if resume:
         ckpt = load_checkpoint(last)
         load_weights(model, ckpt["model"], str(last))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. written before the rescorer had groups of its own
+            raise CheckpointError(
+                f"{last}: its optimizer state does not match this run's parameter groups "
+                f"({e}); it cannot be resumed, train again") from e
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
@@ -302,10 +324,12 @@ def train(cfg: Config, work_dir: str | Path, *, resume: bool = False) -> dict[st
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True)
         for images, sizes, targets in bar:
             lr = base_lr(cfg) * lr_factor(state.global_iter, cfg, iters_per_epoch)
+            rescore_lr = base_lr(cfg) * cfg.train.rescore_lr_mult * lr_factor(
+                state.global_iter, cfg, iters_per_epoch, cfg.train.rescore_schedule)
             t, soft_anchors = soft_label_phase(cfg, epoch, state.global_iter,
                                                iters_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = rescore_lr if group.get("rescorer") else lr
             images = images.to(device, non_blocking=True)
             targets = _to_device(targets, device)
             state.replaced_images += sum(int(tg.get("replaced", 0)) for tg in targets)
