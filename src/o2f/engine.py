@@ -132,7 +132,8 @@ def lr_factor(it: int, cfg: Config, iters_per_epoch: int, schedule: str | None =
         epoch = it // max(iters_per_epoch, 1)
         factor = 0.1 ** sum(epoch >= s for s in t.steps)
     else:
-        raise ValueError(f"train.schedule must be step, cosine or constant, got '{schedule}'")
+        raise ValueError(f"unknown lr schedule '{schedule}' (train.schedule and "
+                         "train.rescore_schedule take step, cosine or constant)")
     if it < t.warmup_iters:
         factor *= t.warmup_ratio + (1 - t.warmup_ratio) * it / t.warmup_iters
     return factor
