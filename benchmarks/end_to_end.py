@@ -136,13 +136,15 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
                                                      "model.head_channels=128"]),
     "rescore": ("the release's recipe, its top-k rescored by a learnt relation network over "
                 "overlapping detections, its lr decaying with the detector's",
-                ["model.rescore=true", "train.rescore_schedule=cosine"]),
-    "rescore_flat": ("the release's recipe, its top-k rescored by a learnt relation network "
-                     "whose lr is held (no decay): model.rescore=true",
-                     ["model.rescore=true", "train.rescore_schedule=constant"]),
-    "rescore_flat3": ("rescore, the rescorer's lr held at 3x",
-                      ["model.rescore=true", "train.rescore_schedule=constant",
-                       "train.rescore_lr_mult=3.0"]),
+                ["model.rescore=true", "train.rescore_schedule=cosine",
+                 "train.rescore_lr_mult=1.0"]),
+    "rescore_flat": ("the same rescorer, its lr held (no decay)",
+                     ["model.rescore=true", "train.rescore_schedule=constant",
+                      "train.rescore_lr_mult=1.0"]),
+    "rescore_flat3": ("the same rescorer, its lr held at 3x the detector's base lr: "
+                      "model.rescore=true", ["model.rescore=true",
+                                             "train.rescore_schedule=constant",
+                                             "train.rescore_lr_mult=3.0"]),
     "leader": ("certain positive: the best-scored pick within 0.05 of the best quality",
                ["model.certain_by=leader"]),
     "ciou": ("the certain positive labelled by its IoU", ["model.certain_label=iou"]),

@@ -146,9 +146,10 @@ class TrainConfig:
     warmup_ratio: float = 0.001
     schedule: str = "step"  # step | cosine | constant
     # model.rescore: the rescorer's own lr schedule (constant: held after the warm-up, as it
-    # learns from the detector's late scores; "" = train.schedule) and lr multiplier
+    # learns the detector's scores as they end; "" = train.schedule) and its lr as a
+    # multiple of the detector's base lr (docs/ablation.md, "End to end in fact")
     rescore_schedule: str = "constant"
-    rescore_lr_mult: float = 1.0
+    rescore_lr_mult: float = 3.0
     steps: list[int] = field(default_factory=lambda: [8, 11])  # epochs where lr *= 0.1
     grad_clip: float | None = None
     amp: str = "auto"  # auto | bf16 | fp16 | off; auto: bf16 where the CPU/GPU runs it natively
