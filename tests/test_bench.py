@@ -44,8 +44,7 @@ def test_count_flops_matches_a_count_of_every_convolution():
     assert len(by_hand) > 20  # backbone, FPN, and the head once per level
     # the digits model has convolutions only (no linear layers): the counts agree exactly
     assert flops == sum(by_hand)
-    # with the rescorer its matrix products are counted too
-    torch.manual_seed(0)
+    # with the rescorer its matrix products are counted too (shapes only: the seed is moot)
     assert count_flops(o2f.build_model("digits", num_classes=10).eval(), images) > flops
 
 
